@@ -48,8 +48,7 @@ def main(project, verbose):
 
 # %% ../nbs/06_cli.ipynb #0007
 _MARK = {"done": "[green]✓ ran[/]", "cached": "[cyan]↺ reused[/]", "stale": "[yellow]↺ reused (stale)[/]",
-         "failed": "[red]✗ failed[/]", "running": "[blue]▶ running[/]", "skipped": "[yellow]- skipped[/]",
-         "queued": "[blue]· queued[/]"}
+         "failed": "[red]✗ failed[/]", "running": "[blue]▶ running[/]", "skipped": "[yellow]- skipped[/]"}
 
 def _progress(console):
     def on_event(e):
@@ -59,7 +58,7 @@ def _progress(console):
         if not mark: return
         extra = f"{e['duration']:.2f}s" if e["status"] in ("done", "failed", "cached") and e.get("duration") is not None else ""
         if e["status"] in ("cached", "stale"): extra = f"from run {e.get('source_run')}"
-        console.print(f"  {e['stage']:<14} {mark} {extra}", highlight=False)
+        console.print(f"  {e['stage']:<14} {mark} {extra}", highlight=False, soft_wrap=True)
     return on_event
 
 @main.command()
@@ -85,8 +84,8 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, a
                                        timeout=timeout, resume=resume), on_event=_progress(console),
                        sync_tracking=True if wait_tracking else None)
     n = {k: sum(s["status"] == k for s in rec["stages"].values()) for k in ("done", "cached")}
-    console.print(f"run {rec['run_id']}: {n['done']} ran, {n['cached']} reused in {time.time() - t0:.2f}s "
-                  f"({Path(rec['project']) and Path(rec['pipeline']).name} -> {cfg.state_dir}/runs/{rec['run_id']})", highlight=False)
+    console.print(f"run {rec['run_id']} done: {n['done']} ran, {n['cached']} reused in {time.time() - t0:.2f}s; "
+                  f"executed notebooks in {cfg.state_dir}/runs/{rec['run_id']}/notebooks", highlight=False, soft_wrap=True)
     _out(rec, as_json, rec["run_id"])
 
 # %% ../nbs/06_cli.ipynb #0009
@@ -162,14 +161,18 @@ def inspect(ctx, stage_name, as_json):
 
 @main.command()
 @click.argument("run_id", required=False, metavar="[RUN]")
+@click.option("--follow", is_flag=True, help="Keep syncing RUN as it changes, until it ends.")
 @click.pass_context
-def sync(ctx, run_id):
-    "Log runs to MLflow that are not there yet (all runs, or RUN)."
+def sync(ctx, run_id, follow):
+    "Log runs to MLflow that are not there yet (all ended runs, or RUN)."
     from mlnb.pipeline import list_runs, load_run, runs_dir
-    from mlnb.tracking import sync_run
+    from mlnb.tracking import sync_run, follow_run
     cfg = _cfg(ctx)
+    if follow:
+        if not run_id: raise click.UsageError("--follow needs a RUN")
+        tr = follow_run(cfg, runs_dir(cfg) / run_id); click.echo(f"{run_id}  {tr['parent_run_id']}"); return
     recs = [load_run(cfg, run_id)] if run_id else list_runs(cfg)
     for r in recs:
-        if r["status"] == "running": continue
+        if r["status"] == "running" and not run_id: continue
         tr = sync_run(cfg, runs_dir(cfg) / r["run_id"])
         click.echo(f"{r['run_id']}  {tr['parent_run_id']}")

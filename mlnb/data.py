@@ -45,10 +45,10 @@ def generate_transactions(n: int = 20_000,   # rows
     n_tx = rng.poisson(3 + 2 * d, n).astype(np.int64)
     account_age = rng.integers(1, 3650, n).astype(np.int64)
     night = (hour < 6) | (hour >= 23)
-    logit = (-5.2 + .55 * (np.log(amount) - 3.4) + .9 * night + .025 * distance + .12 * n_tx
-             - .00035 * account_age + 1.1 * (channel == "online") + .6 * np.isin(merchant, ["electronics", "travel"])
-             + .35 * (age == "18-25") + .25 * (age == "60+")
-             + d * (1.2 * (merchant == "online_retail") - .6 * (channel == "online")))
+    logit = (-5.8 + 1.1 * (np.log(amount) - 3.4) + 1.8 * night + .05 * distance + .25 * n_tx
+             - .0006 * account_age + 1.7 * (channel == "online") + 1.2 * np.isin(merchant, ["electronics", "travel"])
+             + .5 * (age == "18-25") + .3 * (age == "60+")
+             + d * (1.5 * (merchant == "online_retail") - 1.2 * (channel == "online") - .8 * night - .8))
     fraud = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     return pd.DataFrame({"tx_id": [f"tx-{seed}-{i}" for i in range(n)], "amount": amount, "hour": hour,
                          "distance_km": distance, "n_tx_24h": n_tx, "account_age_days": account_age,

@@ -37,7 +37,7 @@ class StageFailed(MlnbError):
         self.stage, self.cell, self.ename, self.evalue, self.notebook = stage, cell, ename, evalue, notebook
 
     def __str__(self):
-        cell = f"cell {self.cell}" if self.cell is not None else "before any cell ran"
+        cell = f"cell In [{self.cell}]" if self.cell is not None else "before any cell ran"
         return f"stage '{self.stage}' failed in {cell}: {self.ename}: {self.evalue} (executed notebook: {self.notebook})"
 
 class StageTimeout(StageFailed):

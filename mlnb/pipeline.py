@@ -5,7 +5,7 @@
 # %% ../nbs/05_pipeline.ipynb #0002
 from __future__ import annotations
 import ast, getpass, graphlib, hashlib, json, os, platform, queue, secrets, shutil, subprocess, sys, threading, time
-from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, wait
+from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import Config
@@ -171,7 +171,8 @@ def env_digest(kernel: str = "python3") -> str:
     h = hashlib.sha256(f"{sys.version}|{platform.machine()}|{kernel}".encode())
     dists = set()
     for p in sys.path:
-        try: dists.update(e for e in os.listdir(p or ".") if e.endswith((".dist-info", ".egg-info")) and not e.startswith("mlnb-"))
+        if not p or p in (".", os.getcwd()): continue  # the cwd is not the environment
+        try: dists.update(e for e in os.listdir(p) if e.endswith((".dist-info", ".egg-info")) and not e.startswith("mlnb-"))
         except OSError: pass
     h.update("\n".join(sorted(dists)).encode())
     pkg = Path(__file__).parent
@@ -270,6 +271,20 @@ class KernelPool:
             with self._lock: self._live.discard(km)
         t = threading.Thread(target=stop, daemon=True); t.start(); self._threads.append(t)
 
+    def interrupt(self):
+        "Interrupt the cell running in every live kernel."
+        with self._lock: self._closed = True; live = list(self._live)
+        for km in live:
+            try: km.interrupt_kernel()
+            except Exception: pass  # already gone
+
+    def kill(self):
+        "Stop every live kernel now (Ctrl-C): the stages running in them fail at once."
+        with self._lock: self._closed = True; live = list(self._live)
+        for km in live:
+            try: km.shutdown_kernel(now=True)
+            except Exception: pass  # already gone
+
     def close(self):
         "Stop every kernel this pool started (unused ones included) and wait for them to go."
         with self._lock: self._closed = True
@@ -282,9 +297,15 @@ class KernelPool:
             try: km.shutdown_kernel(now=True)
             except Exception: pass
 
-# %% ../nbs/05_pipeline.ipynb #0023
+# %% ../nbs/05_pipeline.ipynb #0024
+def _import_papermill():
+    if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
+    import papermill  # noqa: F401
+
+# %% ../nbs/05_pipeline.ipynb #0025
 def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: float):
     import logging
+    _import_papermill()
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -304,7 +325,7 @@ def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: f
     finally:
         timer.cancel()
 
-# %% ../nbs/05_pipeline.ipynb #0025
+# %% ../nbs/05_pipeline.ipynb #0027
 @dataclass
 class RunOptions:
     "What to run: a selection, overrides and knobs (all optional)."
@@ -339,7 +360,7 @@ def list_runs(cfg: Config) -> list:
         except (OSError, json.JSONDecodeError): continue
     return sorted(out, key=lambda r: r["started"], reverse=True)
 
-# %% ../nbs/05_pipeline.ipynb #0026
+# %% ../nbs/05_pipeline.ipynb #0028
 class _Run:
     "The mutable state of one pipeline run, written to `run.json` after every change."
     def __init__(self, cfg, pipeline, opts, on_event):
@@ -382,7 +403,7 @@ class _Run:
         self.save()
         self.on_event({"stage": name, "run_id": self.run_id, **self.rec["stages"][name]})
 
-# %% ../nbs/05_pipeline.ipynb #0027
+# %% ../nbs/05_pipeline.ipynb #0029
 def _entry_of(cfg: Config, name: str, key: str) -> Path: return cfg.state / "cache" / name / key
 
 def _finish_entry(cfg, run, stage, key, tmp: Path, nb: Path, started: float) -> Path:
@@ -408,14 +429,24 @@ def _stale_entry(cfg: Config, name: str) -> Path | None:
     e = Path(json.loads(p.read_text())["entry"])
     return e if (e / "manifest.json").exists() else None
 
-# %% ../nbs/05_pipeline.ipynb #0028
+# %% ../nbs/05_pipeline.ipynb #0031
+def _submit(fn, *args) -> Future:
+    fut = Future()
+    def target():
+        if not fut.set_running_or_notify_cancel(): return
+        try: fut.set_result(fn(*args))
+        except BaseException as e: fut.set_exception(e)
+    threading.Thread(target=target, daemon=True, name=f"mlnb-stage-{args[0] if args else ''}").start()
+    return fut
+
+# %% ../nbs/05_pipeline.ipynb #0032
 def run_pipeline(cfg: Config,                       # the project's settings
                  opts: RunOptions | None = None,    # selection, overrides, knobs
                  on_event=None,                     # called with a dict on every stage state change
                  sync_tracking: bool | None = None, # True: log to MLflow before returning; None: in-process unless fully reused
                 ) -> dict:
     "Run the pipeline of `cfg`; returns the run record. Raises `StageFailed` if a stage failed."
-    from mlnb.tracking import check_tracking
+    from mlnb.tracking import check_tracking, spawn_sync
     opts = opts or RunOptions()
     check_tracking(cfg.tracking_uri)
     pipeline = discover(cfg.pipeline_dir)
@@ -425,7 +456,9 @@ def run_pipeline(cfg: Config,                       # the project's settings
     kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, budget=len(run.selected))
     digests, entries, failed = {}, {}, []
-    mlflow_import = None
+    stop = threading.Event()
+    follower = spawn_sync(cfg, run.dir) if sync_tracking is not False else None
+    warmed = False
     status = "failed"
 
     def ready(n):
@@ -450,10 +483,13 @@ def run_pipeline(cfg: Config,                       # the project's settings
         ctx = {"stage": n, "run_id": run.run_id, "run_dir": str(run.dir), "out_dir": str(tmp), "project": str(cfg.root),
                "upstream": {u: str(entries[u]) for u in stage.upstream}, "tracking_uri": cfg.tracking_uri,
                "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False}
+        if stop.is_set(): raise KeyboardInterrupt
         km = pool.take()
         started = time.time()
         run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb))
-        try: _execute(stage, run.params[n], ctx, nb, km, timeout)
+        try:
+            _execute(stage, run.params[n], ctx, nb, km, timeout)
+            if stop.is_set(): raise KeyboardInterrupt  # finished as Ctrl-C came: not a product anyone asked to keep
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True); raise
         finally: pool.release(km)
@@ -469,60 +505,68 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 duration=(time.time() - started) if started else man["duration"],
                 **({"started": time.time(), "source_run": man["run_id"]} if status != "done" else {}))
 
+    running: dict = {}
+    queued: list = []
     try:
         todo = [n for n in pipeline.names if n in run.selected or n in {a for s in run.selected for a in pipeline.ancestors(s)}]
-        running: dict = {}
-        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mlnb-stage") as ex:
-            while todo or running:
-                progressed = False
-                for n in list(todo):
-                    if any(u in failed or run.rec["stages"][u]["status"] == "skipped" for u in pipeline.stages[n].upstream):
-                        todo.remove(n); run.set(n, status="skipped", error="an upstream stage failed"); progressed = True; continue
-                    if not ready(n): continue
-                    todo.remove(n); progressed = True
-                    if n not in run.selected:
-                        key, entry, how = resolve_outside(n); complete(n, key, entry, how); continue
-                    stage = pipeline.stages[n]
-                    key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env)
-                    entry = _entry_of(cfg, n, key)
-                    if n not in run.forced and (entry / "manifest.json").exists():
-                        pool.reduce_budget(); complete(n, key, entry, "cached"); continue
-                    if mlflow_import is None and sync_tracking is not False:
-                        mlflow_import = threading.Thread(target=lambda: __import__("mlflow"), daemon=True); mlflow_import.start()
-                    pool.fill()
-                    run.set(n, status="queued", key=key)
-                    running[ex.submit(execute, n, key)] = (n, key)
-                if not running:
-                    if not progressed and todo: raise PipelineError(f"stages {todo} can never become ready")
-                    continue
-                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    n, key = running.pop(fut)
-                    try:
-                        entry, started = fut.result()
-                        complete(n, key, entry, "done", started)
-                    except StageFailed as e:
-                        failed.append(e)
-                        run.set(n, status="failed", error=str(e), cell=e.cell, duration=time.time() - run.rec["stages"][n].get("started", time.time()))
+        while todo or running:
+            progressed = False
+            for n in list(todo):
+                if any(run.rec["stages"][u]["status"] in ("failed", "skipped") for u in pipeline.stages[n].upstream):
+                    todo.remove(n); run.set(n, status="skipped", error="an upstream stage failed"); progressed = True; continue
+                if not ready(n): continue
+                todo.remove(n); progressed = True
+                if n not in run.selected:
+                    key, entry, how = resolve_outside(n); complete(n, key, entry, how); continue
+                stage = pipeline.stages[n]
+                key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env)
+                entry = _entry_of(cfg, n, key)
+                if n not in run.forced and (entry / "manifest.json").exists():
+                    pool.reduce_budget(); complete(n, key, entry, "cached"); continue
+                if not warmed:  # something will execute: import papermill while the first kernel starts
+                    warmed = True; threading.Thread(target=_import_papermill, daemon=True).start()
+                pool.fill()
+                run.set(n, status="queued", key=key)
+                queued.append((n, key))
+            while queued and len(running) < jobs:
+                n, key = queued.pop(0)
+                running[_submit(execute, n, key)] = (n, key)
+            if not running:
+                if not progressed and todo: raise PipelineError(f"stages {todo} can never become ready")
+                continue
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                n, key = running.pop(fut)
+                try:
+                    entry, started = fut.result()
+                    complete(n, key, entry, "done", started)
+                except StageFailed as e:
+                    failed.append(e)
+                    run.set(n, status="failed", error=str(e), cell=e.cell, duration=time.time() - run.rec["stages"][n].get("started", time.time()))
         status = "failed" if failed else "done"
     except KeyboardInterrupt:
         status = "interrupted"
+        stop.set()
+        for f in running: f.cancel()
+        pool.interrupt()  # like Ctrl-C in JupyterLab: the running cells fail and papermill marks them
+        if wait(list(running), timeout=10).not_done: pool.kill()
         for n, s in run.rec["stages"].items():
-            if s["status"] in ("running", "queued"): s["status"] = "interrupted"
+            if s["status"] in ("running", "queued", "failed") and n in {v[0] for v in running.values()}: s["status"] = "interrupted"
         raise
     finally:
         pool.close()
         for n, s in run.rec["stages"].items():
-            if s["status"] == "pending" and status != "done": s["status"] = "not run"
+            if s["status"] == "pending": s["status"] = "not run"
         sources = [n for n in pipeline.names if not pipeline.stages[n].upstream and n in digests]
         run.rec.update(status=status, ended=time.time(), duration=time.time() - run.rec["started"],
                        data_digest=hashlib.sha256("".join(digests[n] for n in sources).encode()).hexdigest() if sources else None)
         run.save()
         run.on_event({"run_id": run.run_id, "status": status, "run_dir": str(run.dir)})
-    if sync_tracking is not False:
-        from mlnb.tracking import sync_run, spawn_sync
-        executed = any(s["status"] in ("done", "failed") for s in run.rec["stages"].values())
-        if sync_tracking or executed: sync_run(cfg, run.dir)
-        else: spawn_sync(cfg, run.dir)
+    executed = any(s["status"] in ("done", "failed") for s in run.rec["stages"].values())
+    if follower is not None and (sync_tracking or executed):
+        try: code = follower.wait(timeout=300)
+        except subprocess.TimeoutExpired: code = None
+        run.rec["tracking"] = "synced" if code == 0 else f"not synced: see {run.dir / 'tracking.log'}; retry with `mlnb sync {run.run_id}`"
+    else: run.rec["tracking"] = "syncing in the background" if follower else "off"
     if failed: raise failed[0]
     return run.rec

@@ -61,15 +61,18 @@ def _is_estimator(obj) -> bool:
     return hasattr(obj, "fit") and hasattr(obj, "get_params")
 
 def _write(obj, base: Path) -> tuple[str, str, dict]:
-    import pandas as pd
-    if isinstance(obj, pd.DataFrame):
-        path = base.with_suffix(".parquet"); obj.to_parquet(path, index=False); return path.name, "parquet", {}
     if isinstance(obj, (dict, list, str, int, float, bool)) or obj is None:
         path = base.with_suffix(".json"); path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
         return path.name, "json", {}
-    import numpy as np
-    if isinstance(obj, np.ndarray) and obj.dtype != object:
-        path = base.with_suffix(".npy"); np.save(path, obj, allow_pickle=False); return path.name, "npy", {}
+    mod = type(obj).__module__.split(".")[0]  # import pandas/numpy only for their own objects: a JSON product stays cheap
+    if mod == "pandas":
+        import pandas as pd
+        if isinstance(obj, pd.DataFrame):
+            path = base.with_suffix(".parquet"); obj.to_parquet(path, index=False); return path.name, "parquet", {}
+    if mod == "numpy":
+        import numpy as np
+        if isinstance(obj, np.ndarray) and obj.dtype != object:
+            path = base.with_suffix(".npy"); np.save(path, obj, allow_pickle=False); return path.name, "npy", {}
     if _is_estimator(obj):
         import skops.io as sio
         path = base.with_suffix(".skops"); sio.dump(obj, path)

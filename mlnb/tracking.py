@@ -10,7 +10,7 @@ from .config import Config, load_config
 from .errors import TrackingError, ConfigError, NotFound
 
 # %% auto #0
-__all__ = ['check_tracking', 'store_lock', 'sync_run', 'spawn_sync', 'register_model']
+__all__ = ['check_tracking', 'store_lock', 'sync_run', 'follow_run', 'spawn_sync', 'register_model']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -106,7 +106,7 @@ def sync_run(cfg: Config, run_dir: Path | str) -> dict:
     tfile = run_dir / "tracking.json"
     with _client(cfg) as client:
         tr = _read_json(tfile, {"parent_run_id": None, "stages": {}})
-        if tr.get("synced_status") == rec["status"] and tr.get("synced_rev") == rec.get("rev"): return tr
+        if tr.get("synced_rev") == rec.get("rev"): return tr
         exp_id = _experiment_id(client, cfg)
         if tr["parent_run_id"] is None:
             git = rec.get("git") or {}
@@ -135,26 +135,41 @@ def sync_run(cfg: Config, run_dir: Path | str) -> dict:
         _log(client, parent, tags={"mlnb.status": rec["status"], "mlnb.data_digest": rec.get("data_digest") or ""},
              metrics={"duration_s": rec.get("duration", 0.0), "stages_run": sum(s["status"] == "done" for s in rec["stages"].values()),
                       "stages_cached": sum(s["status"] == "cached" for s in rec["stages"].values())})
-        client.log_artifact(parent, str(run_dir / "run.json"))
+        if rec["status"] != "running": client.log_artifact(parent, str(run_dir / "run.json"))
         ended = rec.get("ended")
-        client.set_terminated(parent, _STATUS.get(rec["status"], "FINISHED"), end_time=int(ended * 1000) if ended else None)
+        if rec["status"] == "running": client.update_run(parent, "RUNNING")
+        else: client.set_terminated(parent, _STATUS.get(rec["status"], "FINISHED"), end_time=int(ended * 1000) if ended else None)
         for name, st in rec["stages"].items():
             mv = _read_json(Path(st["entry"]) / "model_version.json") if st.get("entry") and st["status"] == "done" else None
-            if mv: client.set_model_version_tag(mv["name"], mv["version"], "mlnb.parent_run_id", parent)
+            if mv:
+                client.set_model_version_tag(mv["name"], mv["version"], "mlnb.parent_run_id", parent)
+                if rec.get("data_digest"): client.set_model_version_tag(mv["name"], mv["version"], "mlnb.data_digest", rec["data_digest"])
         tr.update(synced_status=rec["status"], synced_rev=rec.get("rev"), experiment_id=exp_id)
     tmp = tfile.with_suffix(".tmp"); tmp.write_text(json.dumps(tr, indent=1)); os.replace(tmp, tfile)
     return tr
 
-# %% ../nbs/04_tracking.ipynb #0012
-def spawn_sync(cfg: Config, run_dir: Path | str) -> int:
-    "Sync a run folder to MLflow in a detached process (used after a fully reused run); returns its pid."
-    log = Path(run_dir) / "tracking.log"
-    with open(log, "ab") as out:
-        p = subprocess.Popen([sys.executable, "-c", "from mlnb.cli import main; main()", "--project", str(cfg.root), "sync", Path(run_dir).name],
-                             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, cwd=cfg.root)
-    return p.pid
+# %% ../nbs/04_tracking.ipynb #0013
+def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.2, timeout: float = 7 * 24 * 3600) -> dict:
+    "Sync `run_dir` whenever its record changes, until the run has ended and its final state is in MLflow."
+    run_dir, t0, tr = Path(run_dir), time.time(), {}
+    _mlflow(cfg)
+    while time.time() - t0 < timeout:
+        rec = _read_json(run_dir / "run.json", {})
+        tr = _read_json(run_dir / "tracking.json", {})
+        if rec and tr.get("synced_rev") != rec.get("rev"): tr = sync_run(cfg, run_dir)
+        if rec.get("status") not in (None, "running") and tr.get("synced_rev") == rec.get("rev"): return tr
+        time.sleep(poll)
+    raise TrackingError(f"run {run_dir.name} did not end within {timeout:g} s; `mlnb sync {run_dir.name}` logs it later")
 
-# %% ../nbs/04_tracking.ipynb #0014
+def spawn_sync(cfg: Config, run_dir: Path | str, follow: bool = True) -> subprocess.Popen:
+    "Sync a run folder to MLflow from a detached process (following the run while it goes on)."
+    log = Path(run_dir) / "tracking.log"
+    args = [sys.executable, "-c", "from mlnb.cli import main; main()", "--project", str(cfg.root), "sync", Path(run_dir).name]
+    with open(log, "ab") as out:
+        return subprocess.Popen(args + (["--follow"] if follow else []), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cfg.root)
+
+# %% ../nbs/04_tracking.ipynb #0015
 def _requirements() -> list[str]:
     from importlib.metadata import version
     return [f"{p}=={version(p)}" for p in ("mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy")]

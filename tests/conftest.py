@@ -1,0 +1,58 @@
+"Shared fixtures: throwaway mlnb projects with real kernels and a real MLflow SQLite store in a temporary folder."
+import json, os, subprocess, sys, textwrap
+from pathlib import Path
+import pytest
+
+from mlnb.pipeline import write_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+MLNB = [sys.executable, "-c", "from mlnb.cli import main; main()"]
+for k in ("MLFLOW_DISABLE_TELEMETRY", "BENTOML_DO_NOT_TRACK", "DO_NOT_TRACK"): os.environ[k] = "true"
+
+
+def run_mlnb(project, *args, timeout=300, env=None, check=None):
+    "Run the real `mlnb` CLI in a subprocess; `check=0/1/...` asserts the exit code and shows the output if not."
+    e = {**os.environ, **(env or {})}
+    e.pop("MLNB_PROJECT", None)
+    p = subprocess.run([*MLNB, "--project", str(project), *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=project)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode} (wanted {check})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+def run_json(project, *args, **kw):
+    p = run_mlnb(project, *args, "--json", check=0, **kw)
+    return json.loads(p.stdout)
+
+
+def statuses(rec):
+    return {n: s["status"] for n, s in rec["stages"].items()}
+
+
+@pytest.fixture
+def project(tmp_path):
+    "An empty project: settings.ini and a pipeline folder; stages are added with `add_stage`."
+    (tmp_path / "settings.ini").write_text(textwrap.dedent("""\
+        [mlnb]
+        pipeline = pipeline
+        experiment = test
+        model_name = test-model
+        jobs = 1
+        prestart = 1
+        """))
+    (tmp_path / "pipeline").mkdir()
+    return tmp_path
+
+
+def add_stage(project, name, params="upstream = []", *code, markdown=""):
+    return write_stage(project / "pipeline" / f"{name}.ipynb", params, *code, markdown=markdown)
+
+
+@pytest.fixture
+def chain(project):
+    "A three-stage chain a -> b -> c that passes a number along and records metrics."
+    add_stage(project, "a", "upstream = []\nn = 3", "from mlnb import stage\nstage.save('nums', {'n': n})\nstage.log_metric('n', n)")
+    add_stage(project, "b", "upstream = ['a']\nfactor = 2",
+              "from mlnb import stage\nx = stage.load('nums')['n'] * factor\nstage.save('doubled', {'x': x})")
+    add_stage(project, "c", "upstream = ['b']", "from mlnb import stage\nstage.save('out', {'y': stage.load('doubled')['x'] + 1})")
+    return project

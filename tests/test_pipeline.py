@@ -1,0 +1,180 @@
+"The pipeline engine through the real CLI: cache keys, selection, failure and resume, parallelism, timeouts."
+import json, os, signal, subprocess, sys, threading, time
+from pathlib import Path
+import pytest
+from conftest import MLNB, add_stage, run_json, run_mlnb, statuses
+
+
+def product(project, rec, stage, name):
+    entry = Path(rec["stages"][stage]["entry"])
+    return json.loads((entry / f"{name}.json").read_text())
+
+
+def edit_cell(nb_path, index, new_source=None, **changes):
+    nb = json.loads(Path(nb_path).read_text())
+    cell = nb["cells"][index]
+    if new_source is not None: cell["source"] = new_source
+    cell.update(changes)
+    Path(nb_path).write_text(json.dumps(nb, indent=1))
+
+
+def test_cold_then_fully_reused(chain):
+    first = run_json(chain, "run")
+    assert statuses(first) == {"a": "done", "b": "done", "c": "done"}
+    assert product(chain, first, "c", "out") == {"y": 7}
+    assert all((chain / ".mlnb/runs" / first["run_id"] / "notebooks" / f"{s}.ipynb").exists() for s in "abc")
+    second = run_json(chain, "run")
+    assert statuses(second) == {"a": "cached", "b": "cached", "c": "cached"}
+    assert second["run_id"] != first["run_id"]
+    # a reused stage still has its executed notebook in the new run folder (the audit record of what ran)
+    nb = json.loads((chain / ".mlnb/runs" / second["run_id"] / "notebooks" / "b.ipynb").read_text())
+    assert any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
+
+
+def test_code_edit_reruns_stage_and_downstream_only(chain):
+    run_json(chain, "run")
+    edit_cell(chain / "pipeline/b.ipynb", 1, "from mlnb import stage\nx = stage.load('nums')['n'] * factor * 10\nstage.save('doubled', {'x': x})")
+    rec = run_json(chain, "run")
+    assert statuses(rec) == {"a": "cached", "b": "done", "c": "done"}
+    assert product(chain, rec, "c", "out") == {"y": 61}
+
+
+def test_markdown_outputs_and_metadata_edits_rerun_nothing(chain):
+    add_stage(chain, "b", "upstream = ['a']\nfactor = 2",
+              "from mlnb import stage\nx = stage.load('nums')['n'] * factor\nstage.save('doubled', {'x': x})", markdown="# B")
+    run_json(chain, "run")
+    nb_path = chain / "pipeline/b.ipynb"
+    edit_cell(nb_path, 0, "# B, now with a longer explanation")
+    edit_cell(nb_path, 2, outputs=[{"output_type": "stream", "name": "stdout", "text": "stale output\n"}], execution_count=12,
+              metadata={"tags": [], "collapsed": True})
+    nb = json.loads(nb_path.read_text()); nb["metadata"]["authors"] = ["someone"]; nb_path.write_text(json.dumps(nb))
+    assert statuses(run_json(chain, "run")) == {"a": "cached", "b": "cached", "c": "cached"}
+
+
+def test_param_rekeys_only_the_stages_it_reaches(chain):
+    run_json(chain, "run")
+    rec = run_json(chain, "run", "-p", "factor=5")
+    assert statuses(rec) == {"a": "cached", "b": "done", "c": "done"}
+    assert product(chain, rec, "c", "out") == {"y": 16}
+    assert rec["params"]["b"] == {"factor": 5}
+    # the same override again is a full cache hit; a stage-qualified one reaches only that stage
+    assert statuses(run_json(chain, "run", "-p", "b.factor=5")) == {"a": "cached", "b": "cached", "c": "cached"}
+
+
+def test_rerun_with_same_product_bytes_does_not_invalidate_downstream(project):
+    add_stage(project, "a", "upstream = []\nn = 3", "from mlnb import stage\nstage.save('nums', {'parity': n % 2})")
+    add_stage(project, "b", "upstream = ['a']", "from mlnb import stage\nstage.save('p', stage.load('nums'))")
+    run_json(project, "run")
+    rec = run_json(project, "run", "-p", "n=5")  # a reruns but writes the same bytes
+    assert statuses(rec) == {"a": "done", "b": "cached"}
+
+
+def test_only_from_and_force(chain):
+    run_json(chain, "run")
+    assert statuses(run_json(chain, "run", "--only", "b")) == {"a": "cached", "b": "done", "c": "not run"}
+    assert statuses(run_json(chain, "run", "--from", "b")) == {"a": "cached", "b": "done", "c": "done"}
+    assert statuses(run_json(chain, "run", "--force")) == {"a": "done", "b": "done", "c": "done"}
+
+
+def test_only_without_upstream_products_says_what_to_do(chain):
+    p = run_mlnb(chain, "run", "--only", "c", check=1)
+    assert "stage 'a' has no products to reuse; run it first" in p.stderr
+
+
+def test_failing_stage_then_resume(chain):
+    add_stage(chain, "b", "upstream = ['a']\nfactor = 2", "from mlnb import stage\nx = 1", "raise ValueError('factor is wrong')")
+    p = run_mlnb(chain, "run", check=1)
+    lines = [l for l in p.stderr.splitlines() if l.startswith("mlnb: error")]
+    assert len(lines) == 1, p.stderr
+    assert "stage 'b' failed in cell In [4]: ValueError: factor is wrong" in lines[0]
+    nb_path = Path(lines[0].split("executed notebook: ")[1].rstrip(")"))
+    assert nb_path.is_absolute() and nb_path.exists()
+    nb = json.loads(nb_path.read_text())
+    errs = [c for c in nb["cells"] if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert errs and errs[0]["outputs"][-1]["ename"] == "ValueError"
+    assert any("papermill-error-cell-tag" in c["metadata"].get("tags", []) for c in nb["cells"]), "failing cell is marked"
+    rec = json.loads((nb_path.parents[1] / "run.json").read_text())
+    assert statuses(rec) == {"a": "done", "b": "failed", "c": "skipped"}
+    assert rec["status"] == "failed"
+    # fix the notebook and resume the same run: a is reused, b and c run, the run folder is the same
+    add_stage(chain, "b", "upstream = ['a']\nfactor = 2", "from mlnb import stage\nstage.save('doubled', {'x': stage.load('nums')['n'] * factor})")
+    resumed = run_json(chain, "run", "--resume")
+    assert resumed["run_id"] == rec["run_id"] and resumed["resumed"]
+    assert statuses(resumed) == {"a": "cached", "b": "done", "c": "done"}
+    assert product(chain, resumed, "c", "out") == {"y": 7}
+
+
+def test_resume_without_failed_run_is_a_clear_error(chain):
+    p = run_mlnb(chain, "run", "--resume", check=1)
+    assert "no failed or interrupted run to resume" in p.stderr
+
+
+def test_ctrl_c_leaves_a_resumable_run(project):
+    add_stage(project, "a", "upstream = []", "from mlnb import stage\nstage.save('v', {'v': 1})")
+    add_stage(project, "slow", "upstream = ['a']\nseconds = 60", "import time\ntime.sleep(seconds)", "from mlnb import stage\nstage.save('done', {'ok': True})")
+    proc = subprocess.Popen([*MLNB, "--project", str(project), "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        recs = list((project / ".mlnb/runs").glob("*/run.json"))
+        if recs and json.loads(recs[0].read_text())["stages"]["slow"]["status"] == "running": break
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    rec = json.loads(recs[0].read_text())
+    assert rec["status"] == "interrupted" and rec["stages"]["slow"]["status"] == "interrupted"
+    assert not list((project / ".mlnb/cache/slow").glob("*")) or not any(
+        (p / "manifest.json").exists() for p in (project / ".mlnb/cache/slow").iterdir()), "no half product left to reuse"
+    assert (project / ".mlnb/runs" / rec["run_id"] / "notebooks/slow.ipynb").exists(), "the interrupted stage's notebook is kept"
+    add_stage(project, "slow", "upstream = ['a']\nseconds = 0", "import time\ntime.sleep(seconds)", "from mlnb import stage\nstage.save('done', {'ok': True})")
+    resumed = run_json(project, "run", "--resume", rec["run_id"])
+    assert resumed["run_id"] == rec["run_id"]
+    assert statuses(resumed) == {"a": "cached", "slow": "done"}
+
+
+def test_independent_stages_run_in_parallel(project):
+    add_stage(project, "root", "upstream = []", "from mlnb import stage\nstage.save('r', {'r': 1})")
+    for name in ("left", "right"):
+        add_stage(project, name, f"upstream = ['root']\nname = '{name}'",
+                  "import time\nfrom mlnb import stage\nt0 = time.time()\ntime.sleep(3)\nstage.save('span', {'start': t0, 'end': time.time()})")
+    rec = run_json(project, "run", "--jobs", "2")
+    spans = [json.loads((Path(rec["stages"][n]["entry"]) / "span.json").read_text()) for n in ("left", "right")]
+    overlap = min(s["end"] for s in spans) - max(s["start"] for s in spans)
+    assert overlap > 2.0, f"left and right overlapped only {overlap:.2f}s with --jobs 2"
+
+
+def test_stage_timeout(project):
+    add_stage(project, "sleepy", "upstream = []", "import time\ntime.sleep(120)")
+    t0 = time.time()
+    p = run_mlnb(project, "run", "--timeout", "3", check=1)
+    assert time.time() - t0 < 60
+    assert "stage 'sleepy' failed" in p.stderr and "timeout of 3 s" in p.stderr
+
+
+def test_two_runs_at_once_do_not_corrupt_each_other(chain):
+    procs = [subprocess.Popen([*MLNB, "--project", str(chain), "run", "--json", "--wait-tracking"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    recs = [json.loads(o[0]) for o in outs]
+    assert recs[0]["run_id"] != recs[1]["run_id"]
+    for r in recs: assert json.loads((Path(r["stages"]["c"]["entry"]) / "out.json").read_text()) == {"y": 7}
+    # the cache holds exactly one finished entry per stage, and a third run reuses everything
+    for s in "abc":
+        entries = [p for p in (chain / ".mlnb/cache" / s).iterdir()]
+        assert len(entries) == 1 and (entries[0] / "manifest.json").exists(), entries
+    assert statuses(run_json(chain, "run")) == {"a": "cached", "b": "cached", "c": "cached"}
+
+
+def test_stage_notebook_runs_unchanged_outside_a_pipeline(chain):
+    "What JupyterLab does: run the notebook with its defaults and no injected context; it reads the latest upstream products."
+    run_json(chain, "run")
+    import papermill as pm
+    out = chain / "b-interactive.ipynb"
+    env_before = os.environ.get("MLNB_PROJECT")
+    pm.execute_notebook(str(chain / "pipeline/b.ipynb"), str(out), cwd=str(chain / "pipeline"), progress_bar=False, kernel_name="python3")
+    scratch = chain / ".mlnb/scratch/interactive/doubled.json"
+    assert json.loads(scratch.read_text()) == {"x": 6}
+    assert os.environ.get("MLNB_PROJECT") == env_before
