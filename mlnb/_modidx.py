@@ -7,7 +7,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'mlnb.cli._out': ('cli.html#_out', 'mlnb/cli.py'),
                           'mlnb.cli._progress': ('cli.html#_progress', 'mlnb/cli.py'),
                           'mlnb.cli._stage_rows': ('cli.html#_stage_rows', 'mlnb/cli.py'),
-                          'mlnb.cli._verbose': ('cli.html#_verbose', 'mlnb/cli.py'),
                           'mlnb.cli.inspect': ('cli.html#inspect', 'mlnb/cli.py'),
                           'mlnb.cli.main': ('cli.html#main', 'mlnb/cli.py'),
                           'mlnb.cli.run': ('cli.html#run', 'mlnb/cli.py'),

@@ -15,9 +15,10 @@ __all__ = ['main', 'run', 'status', 'show', 'inspect', 'sync']
 
 # %% ../nbs/06_cli.ipynb #0005
 class _Group(click.Group):
-    def main(self, *args, standalone_mode=True, **kw):
+    def main(self, args=None, standalone_mode=True, **kw):
+        argv = list(sys.argv[1:] if args is None else args)
         try:
-            return super().main(*args, standalone_mode=False, **kw)
+            return super().main(argv, standalone_mode=False, **kw)
         except click.exceptions.Abort:
             click.echo("mlnb: interrupted; continue with `mlnb run --resume`", err=True); sys.exit(130)
         except KeyboardInterrupt:
@@ -25,12 +26,8 @@ class _Group(click.Group):
         except click.ClickException as e:
             e.show(); sys.exit(e.exit_code)
         except MlnbError as e:
-            if _verbose(): traceback.print_exc()
+            if "-v" in argv or "--verbose" in argv: traceback.print_exc()
             click.echo(f"mlnb: error: {e}", err=True); sys.exit(e.exit_code)
-
-def _verbose() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.find_root().params.get("verbose"))
 
 def _cfg(ctx):
     from mlnb.config import load_config

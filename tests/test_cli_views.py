@@ -1,0 +1,25 @@
+"status, show and inspect: what a person and a machine read about runs and stages."
+import json
+from conftest import add_stage, run_json, run_mlnb
+
+
+def test_status_show_inspect(chain):
+    assert "no runs yet" in run_mlnb(chain, "status", check=0).stdout
+    first = run_json(chain, "run")
+    second = run_json(chain, "run", "-p", "factor=3")
+    st = run_json(chain, "status")
+    assert [r["run_id"] for r in st["runs"]] == [second["run_id"], first["run_id"]]
+    assert st["runs"][0]["ran"] == 2 and st["runs"][0]["reused"] == 1
+    text = run_mlnb(chain, "status", check=0).stdout
+    assert second["run_id"] in text and "cached" in text and "done" in text
+
+    shown = run_json(chain, "show", first["run_id"])
+    assert shown["stages"]["a"]["metrics"] == {"n": 3.0}
+    text = run_mlnb(chain, "show", first["run_id"], check=0).stdout
+    assert "metrics   n=3" in text and "notebook  .mlnb/runs/" in text and "product   out (json" in text
+    assert "no run 'nope'" in run_mlnb(chain, "show", "nope", check=1).stderr
+
+    info = run_json(chain, "inspect", "b")
+    assert info["upstream"] == ["a"] and info["downstream"] == ["c"]
+    assert info["parameters"] == {"factor": {"default": 2, "type": "int"}}
+    assert "factor" in run_mlnb(chain, "inspect", "b", check=0).stdout
