@@ -28,7 +28,7 @@ class Config:
     kernel: str = "python3"                  # Jupyter kernel that runs stages
     jobs: int = 1                            # independent stages run at once
     stage_timeout: float = 1800.0            # seconds a stage may run before it is interrupted
-    prestart: int = 1                        # kernels started ahead of the stages that will use them
+    prestart: int = 2                        # kernels started ahead of the stages that will use them
     extra: dict = field(default_factory=dict, compare=False)  # every other key of [mlnb], for later modules
 
     @property

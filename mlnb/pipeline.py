@@ -12,9 +12,9 @@ from .config import Config
 from .errors import ConfigError, NotFound, PipelineError, StageFailed, StageTimeout, MlnbError
 
 # %% auto #0
-__all__ = ['Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params', 'env_digest', 'cache_key',
-           'products_digest', 'runs_dir', 'new_run_id', 'KernelPool', 'RunOptions', 'load_run', 'list_runs',
-           'run_pipeline']
+__all__ = ['Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params', 'env_digest', 'input_digests',
+           'cache_key', 'products_digest', 'runs_dir', 'new_run_id', 'KernelPool', 'RunOptions', 'load_run',
+           'list_runs', 'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Stage:
     upstream: tuple = ()
     params: dict = field(default_factory=dict)
     code: tuple = ()
+    inputs: tuple = ()  # files (relative to the project folder) whose content enters the cache key
+    settings: tuple = ()  # `[mlnb]` keys (glob patterns) whose values, after `MLNB_*` overrides, enter the cache key
 
     @property
     def code_digest(self) -> str:
@@ -65,9 +67,15 @@ def read_stage(path: Path | str) -> Stage:
     upstream = params.pop("upstream", [])
     if not isinstance(upstream, (list, tuple)) or not all(isinstance(u, str) for u in upstream):
         raise PipelineError(f"{path.name}: upstream = {upstream!r} must be a list of stage names, e.g. upstream = ['ingest']")
+    inputs = params.pop("inputs", [])
+    if not isinstance(inputs, (list, tuple)) or not all(isinstance(u, str) for u in inputs):
+        raise PipelineError(f"{path.name}: inputs = {inputs!r} must be a list of file paths relative to the project, e.g. inputs = ['settings.ini']")
+    settings = params.pop("settings", [])
+    if not isinstance(settings, (list, tuple)) or not all(isinstance(u, str) for u in settings):
+        raise PipelineError(f"{path.name}: settings = {settings!r} must be a list of settings.ini keys, e.g. settings = ['gate_*']")
     code = tuple(_src(c) for c in cells if c.get("cell_type") == "code"
                  and "injected-parameters" not in c.get("metadata", {}).get("tags", []))
-    return Stage(path.stem, path, tuple(upstream), params, code)
+    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings))
 
 # %% ../nbs/05_pipeline.ipynb #0007
 @dataclass
@@ -154,7 +162,7 @@ def resolve_params(pipeline: Pipeline, overrides: list[str] | None = None) -> di
         key, raw = item.split("=", 1)
         key = key.strip()
         stage, _, name = key.rpartition(".")
-        if name == "upstream": raise ConfigError(f"-p {key}: upstream is part of the graph, not a parameter; edit the notebook")
+        if name in ("upstream", "inputs", "settings"): raise ConfigError(f"-p {key}: {name} is part of the graph, not a parameter; edit the notebook")
         targets = [pipeline.stage(stage).name] if stage else [n for n, ps in params.items() if name in ps]
         if not targets or name not in params[targets[0]]:
             known = ", ".join(f"{n}.{k}" for n, ps in params.items() for k in ps) or "(none)"
@@ -180,9 +188,25 @@ def env_digest(kernel: str = "python3") -> str:
     _ENV[kernel] = h.hexdigest()
     return _ENV[kernel]
 
-def cache_key(stage: Stage, params: dict, upstream_digests: dict, env: str) -> str:
+def input_digests(stage: Stage, cfg: Config) -> dict:
+    "Digests of the files a stage declares in `inputs`, and the values of the settings it declares in `settings`."
+    from fnmatch import fnmatch
+    from dataclasses import asdict
+    from mlnb.stage import file_digest
+    root = cfg.root
+    values = {**{k: v for k, v in asdict(cfg).items() if k not in ("root", "extra")}, **cfg.extra}
+    out = {f"setting:{k}": str(v) for k, v in sorted(values.items()) if any(fnmatch(k, pat) for pat in stage.settings)}
+    for rel in stage.inputs:
+        f = root / rel
+        if not f.is_file():
+            raise PipelineError(f"stage '{stage.name}' declares input '{rel}', which is not a file (inputs are relative to the project folder {root})")
+        out[rel] = file_digest(f)
+    return out
+
+def cache_key(stage: Stage, params: dict, upstream_digests: dict, env: str, inputs: dict | None = None) -> str:
     "The content key of one stage execution."
     payload = {"v": 1, "code": list(stage.code), "params": params, "upstream": dict(sorted(upstream_digests.items())), "env": env}
+    if inputs: payload["inputs"] = dict(sorted(inputs.items()))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
 
 def products_digest(products: dict) -> str:
@@ -350,13 +374,25 @@ def load_run(cfg: Config, run_id: str) -> dict:
     if not p.exists():
         known = ", ".join(r["run_id"] for r in list_runs(cfg)[:5]) or "none yet"
         raise NotFound(f"no run '{run_id}' in {rd}; recent runs: {known}")
-    return json.loads(p.read_text())
+    return _read_record(p)
+
+def _alive(pid) -> bool:
+    try: os.kill(int(pid), 0); return True
+    except (OSError, ValueError, TypeError): return False
+
+def _read_record(p: Path) -> dict:
+    rec = json.loads(p.read_text())
+    if rec.get("status") == "running" and rec.get("pid") and rec.get("host") == platform.node() and not _alive(rec["pid"]):
+        rec["status"] = "interrupted"  # its process is gone (killed, machine restarted): resumable like Ctrl-C
+        for s in rec["stages"].values():
+            if s["status"] in ("running", "queued"): s["status"] = "interrupted"
+    return rec
 
 def list_runs(cfg: Config) -> list:
     "Records of all runs, newest first."
     out = []
     for p in runs_dir(cfg).glob("*/run.json"):
-        try: out.append(json.loads(p.read_text()))
+        try: out.append(_read_record(p))
         except (OSError, json.JSONDecodeError): continue
     return sorted(out, key=lambda r: r["started"], reverse=True)
 
@@ -385,6 +421,7 @@ class _Run:
         from mlnb import __version__
         self.rec = prev or {"run_id": self.run_id, "project": str(cfg.root), "pipeline": str(pipeline.folder),
                             "user": os.environ.get("MLNB_ACTOR") or getpass.getuser(), "mlnb_version": __version__}
+        self.rec.update(pid=os.getpid(), host=platform.node())
         self.rec.update(status="running", started=prev["started"] if prev else time.time(), ended=None, rev=(prev or {}).get("rev", 0),
                         options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force},
                         params=self.params, git=_git(cfg.root), env_digest=env_digest(cfg.kernel), resumed=bool(prev))
@@ -467,7 +504,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
     def resolve_outside(n):
         "A stage outside the selection: reuse its products by key, else its latest products."
         stage = pipeline.stages[n]
-        key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env)
+        key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env, input_digests(stage, cfg))
         entry = _entry_of(cfg, n, key)
         if (entry / "manifest.json").exists(): return key, entry, "cached"
         entry = _stale_entry(cfg, n)
@@ -519,7 +556,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 if n not in run.selected:
                     key, entry, how = resolve_outside(n); complete(n, key, entry, how); continue
                 stage = pipeline.stages[n]
-                key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env)
+                key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env, input_digests(stage, cfg))
                 entry = _entry_of(cfg, n, key)
                 if n not in run.forced and (entry / "manifest.json").exists():
                     pool.reduce_budget(); complete(n, key, entry, "cached"); continue

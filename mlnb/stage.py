@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import NotFound, ConfigError
 
 # %% auto #0
-__all__ = ['PRODUCTS', 'METRICS', 'context', 'file_digest', 'save', 'load', 'log_metrics', 'log_metric']
+__all__ = ['PRODUCTS', 'METRICS', 'context', 'file_digest', 'save', 'load', 'digest', 'log_metrics', 'log_metric']
 
 # %% ../nbs/03_stage.ipynb #0005
 PRODUCTS = "products.json"
@@ -112,10 +112,7 @@ def _read(path: Path, meta: dict):
         import skops.io as sio; return sio.load(path, trusted=meta.get("trusted", []))
     raise ConfigError(f"product {path.name} has unknown kind {kind!r}; known: parquet, json, npy, skops")
 
-def load(name: str,               # product name
-         stage: str | None = None # the upstream stage that made it, when several made a product of that name
-        ):
-    "Read the product `name` of an upstream stage."
+def _find(name: str, stage: str | None = None) -> tuple:
     ups = context()["upstream"]
     found = []
     for up, entry in ups.items():
@@ -129,8 +126,18 @@ def load(name: str,               # product name
         offers = {up: sorted(_read_json(Path(e) / PRODUCTS, {})) for up, e in ups.items()}
         what = "; ".join(f"{up}: {', '.join(ps) or '(none)'}" for up, ps in offers.items()) or "no upstream stages declared"
         raise NotFound(f"no upstream product '{name}'{f' from stage {stage!r}' if stage else ''}; available: {what}")
-    up, entry, meta = found[0]
+    return found[0]
+
+def load(name: str,               # product name
+         stage: str | None = None # the upstream stage that made it, when several made a product of that name
+        ):
+    "Read the product `name` of an upstream stage."
+    up, entry, meta = _find(name, stage)
     return _read(entry / meta["file"], meta)
+
+def digest(name: str, stage: str | None = None) -> str:
+    "The SHA-256 digest of an upstream product (e.g. to tag a registered model with its content)."
+    return _find(name, stage)[2]["sha256"]
 
 # %% ../nbs/03_stage.ipynb #0012
 def log_metrics(metrics: dict):

@@ -10,7 +10,8 @@ from .config import Config, load_config
 from .errors import TrackingError, ConfigError, NotFound
 
 # %% auto #0
-__all__ = ['check_tracking', 'store_lock', 'sync_run', 'follow_run', 'spawn_sync', 'register_model']
+__all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'follow_run', 'spawn_sync', 'register_model', 'actor',
+           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -149,15 +150,20 @@ def sync_run(cfg: Config, run_dir: Path | str) -> dict:
     return tr
 
 # %% ../nbs/04_tracking.ipynb #0013
+def _alive(pid) -> bool:
+    try: os.kill(int(pid), 0); return True
+    except (OSError, ValueError, TypeError): return False
+
 def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.2, timeout: float = 7 * 24 * 3600) -> dict:
-    "Sync `run_dir` whenever its record changes, until the run has ended and its final state is in MLflow."
+    "Sync `run_dir` whenever its record changes, until the run has ended (or its process is gone) and MLflow has it all."
     run_dir, t0, tr = Path(run_dir), time.time(), {}
     _mlflow(cfg)
     while time.time() - t0 < timeout:
         rec = _read_json(run_dir / "run.json", {})
         tr = _read_json(run_dir / "tracking.json", {})
         if rec and tr.get("synced_rev") != rec.get("rev"): tr = sync_run(cfg, run_dir)
-        if rec.get("status") not in (None, "running") and tr.get("synced_rev") == rec.get("rev"): return tr
+        ended = rec.get("status") not in (None, "running") or (rec.get("pid") and not _alive(rec["pid"]))
+        if ended and tr.get("synced_rev") == rec.get("rev"): return tr
         time.sleep(poll)
     raise TrackingError(f"run {run_dir.name} did not end within {timeout:g} s; `mlnb sync {run_dir.name}` logs it later")
 
@@ -178,6 +184,8 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
                    example,            # a few rows of model input (a DataFrame), for the signature and example
                    name: str | None = None,  # registered model name; default: `model_name` of the project
                    tags: dict | None = None, # extra tags for the model version
+                   digest: str | None = None, # content digest of the model; a version with the same digest is reused
+                   artifacts: dict | None = None, # {file name: text} logged beside the model (contract, gate report)
                    cfg: Config | None = None,
                   ) -> dict:
     "Log `model` to MLflow from inside a stage and register it as a new version; returns name, version, run id, URI."
@@ -187,6 +195,17 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
     cfg = cfg or load_config(ctx["project"])
     name = name or ctx.get("model_name") or cfg.model_name
     mlflow = _mlflow(cfg)
+    if digest:  # registering the same model twice (a rerun after a later stage failed) must not make a second version
+        with _client(cfg) as client:
+            try: same = client.search_model_versions(f"name = '{name}' and tags.`mlnb.model_sha256` = '{digest}'")
+            except Exception: same = []
+        if same:
+            mv = same[0]
+            out = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "model_uri": f"models:/{name}/{mv.version}",
+                   "logged_model_uri": mv.source, "reused": True}
+            od = Path(ctx["out_dir"]); od.mkdir(parents=True, exist_ok=True)
+            (od / "model_version.json").write_text(json.dumps(out))
+            return out
     from mlflow.models import infer_signature
     example = example.head(5)
     signature = infer_signature(example, model.predict(example))
@@ -199,14 +218,110 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
             info = mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=example,
                                             pip_requirements=_requirements(), serialization_format="skops",
                                             skops_trusted_types=trusted)
+            for fname, text in (artifacts or {}).items(): mlflow.log_text(text, fname)
         try: client.get_registered_model(name)
         except Exception: client.create_registered_model(name)
         mv_tags = {"mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"], **(tags or {})}
+        if digest: mv_tags["mlnb.model_sha256"] = digest
         mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags={k: str(v) for k, v in mv_tags.items()})
         client.set_terminated(run_id)
     out = {"name": name, "version": int(mv.version), "run_id": run_id, "model_uri": f"models:/{name}/{mv.version}",
-           "logged_model_uri": info.model_uri}
+           "logged_model_uri": info.model_uri, "reused": False}
     od = Path(ctx["out_dir"]); od.mkdir(parents=True, exist_ok=True)
     (od / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
     (od / "model_version.json").write_text(json.dumps(out))
     return out
+
+# %% ../nbs/04_tracking.ipynb #0017
+HISTORY = "mlnb.alias_history."
+
+def actor() -> str:
+    "Who is acting: `MLNB_ACTOR`, else the OS user."
+    import getpass
+    return os.environ.get("MLNB_ACTOR") or getpass.getuser()
+
+def _registered(client, name: str):
+    from mlflow.exceptions import MlflowException
+    try: return client.get_registered_model(name)
+    except MlflowException:
+        raise NotFound(f"no registered model '{name}'; run the pipeline to register one (model_name in settings.ini)") from None
+
+def _check_version(client, name: str, version) -> str:
+    from mlflow.exceptions import MlflowException
+    try: return int(client.get_model_version(name, str(int(version))).version)
+    except (MlflowException, ValueError):
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise NotFound(f"model '{name}' has no version {version!r}; versions: {', '.join(map(str, known)) or 'none'}") from None
+
+def alias_history(cfg: Config, name: str | None = None) -> list:
+    "Every alias move of the model, oldest first."
+    name = name or cfg.model_name
+    with _client(cfg) as client:
+        rm = _registered(client, name)
+        return [json.loads(v) for k, v in sorted(rm.tags.items()) if k.startswith(HISTORY)]
+
+def set_alias(cfg: Config, alias: str, version, reason: str, kind: str = "set", name: str | None = None) -> dict:
+    "Point `alias` at `version` and record the move; returns the recorded event."
+    name = name or cfg.model_name
+    with _client(cfg) as client:
+        rm = _registered(client, name)
+        version = _check_version(client, name, version)
+        seq = 1 + max([int(k[len(HISTORY):]) for k in rm.tags if k.startswith(HISTORY)], default=0)
+        prev = rm.aliases.get(alias)
+        event = {"seq": seq, "alias": alias, "from": int(prev) if prev is not None else None, "to": version, "kind": kind,
+                 "who": actor(), "when": time.time(), "why": reason}
+        client.set_registered_model_alias(name, alias, str(version))
+        client.set_registered_model_tag(name, f"{HISTORY}{seq:06d}", json.dumps(event))
+    return event
+
+def _champion_line(history: list) -> list:
+    "Champion versions in promotion order, without those rolled back."
+    line = []
+    for e in history:
+        if e["alias"] != "champion": continue
+        if e["kind"] == "rollback":
+            while line and line[-1] != e["to"]: line.pop()
+        elif not line or line[-1] != e["to"]: line.append(e["to"])
+    return line
+
+def rollback(cfg: Config, reason: str, name: str | None = None) -> dict:
+    "Move `champion` back to the champion before it."
+    line = _champion_line(alias_history(cfg, name))
+    if len(line) < 2:
+        raise NotFound(f"no earlier champion to roll back to (champion history: {', '.join(line) or 'empty'})")
+    return set_alias(cfg, "champion", line[-2], reason, kind="rollback", name=name)
+
+def list_versions(cfg: Config, name: str | None = None) -> list:
+    "Versions of the model, newest first, with aliases and mlnb tags."
+    name = name or cfg.model_name
+    with _client(cfg) as client:
+        rm = _registered(client, name)
+        by_version = {}
+        for a, v in rm.aliases.items(): by_version.setdefault(str(v), []).append(a)
+        out = []
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            out.append({"version": int(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+                        "created": mv.creation_timestamp / 1000, "run_id": mv.run_id, "tags": dict(mv.tags)})
+    return sorted(out, key=lambda v: v["version"], reverse=True)
+
+def load_model(cfg: Config, ref: str, name: str | None = None):
+    "The scikit-learn model of a version or alias (`3`, `champion`), or None if the alias is not set."
+    name = name or cfg.model_name
+    mlflow = _mlflow(cfg)
+    with _client(cfg) as client:
+        rm = _registered(client, name)
+        if not str(ref).isdigit() and ref not in rm.aliases: return None
+        if str(ref).isdigit(): _check_version(client, name, ref)
+    uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
+    return mlflow.sklearn.load_model(uri)
+
+def version_artifact(cfg: Config, version, path: str, name: str | None = None) -> str | None:
+    "The text of an artifact logged beside a version's model (e.g. `contract.yaml`), or None."
+    name = name or cfg.model_name
+    _mlflow(cfg)
+    with _client(cfg) as client:
+        mv = client.get_model_version(name, str(version))
+        import tempfile
+        try: local = client.download_artifacts(mv.run_id, path, tempfile.mkdtemp())
+        except Exception: return None
+    return Path(local).read_text()

@@ -1,0 +1,102 @@
+"Gates, promotion, rollback and the alias history on the reference pipeline (real kernels, real MLflow registry)."
+import json, shutil
+from pathlib import Path
+import pytest
+from conftest import ROOT, run_json, run_mlnb, statuses
+
+SMALL: list = []  # the full reference data: fairness gates need enough positives per group
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    d = tmp_path_factory.mktemp("registry")
+    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
+    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    return d
+
+
+def models(d):
+    return run_json(d, "models")
+
+
+def aliases(d):
+    return {v["version"]: v["aliases"] for v in models(d)["versions"]}
+
+
+def test_auto_promotion_then_rollback_and_manual_promote(project):
+    rec = run_json(project, "run", *SMALL, timeout=600)
+    assert statuses(rec)["register"] == "done"
+    decision = json.loads((Path(rec["stages"]["register"]["entry"]) / "promotion.json").read_text())
+    assert decision["action"] == "promoted" and decision["passed"]
+    gate_names = {g["gate"] for g in decision["gates"]}
+    assert {"min_roc_auc", "min_pr_auc", "fairness_demographic_parity", "fairness_equalized_odds", "max_p95_latency", "max_model_size"} <= gate_names
+    assert aliases(project) == {1: ["champion"]}
+    assert "model 'fraud-detector' has no version 99; versions: 1" in run_mlnb(project, "promote", "99", "-m", "x", check=1).stderr
+
+    # a second candidate: compared with the champion on the same holdout, then promoted
+    rec2 = run_json(project, "run", *SMALL, "-p", "learning_rate=0.1", timeout=600)
+    d2 = json.loads((Path(rec2["stages"]["register"]["entry"]) / "promotion.json").read_text())
+    assert "no_regression" in {g["gate"] for g in d2["gates"]}
+    assert aliases(project) == {2: ["champion"], 1: []}
+
+    out = run_mlnb(project, "rollback", "-m", "complaints from the fraud team", check=0)
+    assert "champion: 2 -> 1" in out.stdout
+    assert aliases(project) == {2: [], 1: ["champion"]}
+    assert "no earlier champion" in run_mlnb(project, "rollback", "-m", "again", check=1).stderr
+
+    run_mlnb(project, "promote", "2", "-m", "fixed upstream data", env={"MLNB_ACTOR": "alice"}, check=0)
+    assert aliases(project) == {2: ["champion"], 1: []}
+    hist = models(project)["history"]
+    assert [(e["alias"], e["from"], e["to"], e["kind"]) for e in hist] == [
+        ("champion", None, 1, "promote"), ("champion", 1, 2, "promote"), ("champion", 2, 1, "rollback"), ("champion", 1, 2, "promote")]
+    assert hist[-1]["who"] == "alice" and hist[-1]["why"] == "fixed upstream data" and hist[2]["why"] == "complaints from the fraud team"
+    text = run_mlnb(project, "models", "--history", check=0).stdout
+    assert "v2" in text and "champion" in text and "by alice: fixed upstream data" in text
+
+
+def test_failed_gates_block_promotion_with_one_reason_each(project):
+    before = aliases(project)
+    p = run_mlnb(project, "run", *SMALL, "-p", "max_iter=20", env={"MLNB_GATE_MIN_ROC_AUC": "0.999", "MLNB_GATE_MAX_DEMOGRAPHIC_PARITY_DIFFERENCE": "0.0001"}, timeout=600)
+    assert p.returncode == 1, p.stderr
+    err = p.stderr.strip().splitlines()[-1]
+    assert "stage 'register' failed" in err and "GateFailed" in err and "promotion blocked" in err
+    assert "min_roc_auc FAILED" in err and "fairness_demographic_parity FAILED" in err
+    after = models(project)["versions"]
+    new = [v for v in after if v["version"] not in before][0]
+    assert new["aliases"] == [] and new["tags"]["mlnb.gates.passed"] == "false"
+    assert {v: a for v, a in aliases(project).items() if v in before} == before, "the champion did not move"
+    # a manual promotion of the failed candidate is refused, naming the failed gates
+    p = run_mlnb(project, "promote", str(new["version"]), "-m", "ship it", check=1)
+    assert f"version {new['version']} cannot be promoted: min_roc_auc FAILED" in p.stderr
+    # rerunning the same failing candidate does not register it twice
+    run_mlnb(project, "run", *SMALL, "-p", "max_iter=20", env={"MLNB_GATE_MIN_ROC_AUC": "0.999", "MLNB_GATE_MAX_DEMOGRAPHIC_PARITY_DIFFERENCE": "0.0001"}, timeout=600, check=1)
+    assert len(models(project)["versions"]) == len(after)
+
+
+def test_registry_errors_name_what_exists(project):
+    p = run_mlnb(project, "promote", "1")
+    assert p.returncode == 2 and "--reason" in p.stderr
+
+
+def test_contract_commands(project, tmp_path):
+    from mlnb.data import generate_transactions, FEATURES
+    df = generate_transactions(500, seed=5)[FEATURES]
+    df.to_parquet(tmp_path / "good.parquet")
+    run_mlnb(project, "contract", "infer", str(tmp_path / "good.parquet"), str(tmp_path / "c.yaml"), check=0)
+    assert "ok" in run_mlnb(project, "contract", "check", str(tmp_path / "good.parquet"), str(tmp_path / "c.yaml"), check=0).stdout
+    bad = df.copy(); bad.loc[:9, "channel"] = "fax"; bad.loc[:2, "amount"] = -1.0
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    p = run_mlnb(project, "contract", "check", str(tmp_path / "bad.csv"), str(tmp_path / "c.yaml"), check=1)
+    assert "channel: isin(" in p.stdout and "failed for 10 row(s) (e.g. fax" in p.stdout and "amount: greater_than_or_equal_to(0.0) failed for 3 row(s)" in p.stdout
+
+
+def test_validate_stage_reports_contract_violations(project):
+    nb = project / "nbs/pipeline/contract.yaml"
+    original = nb.read_text()
+    nb.write_text(original.replace("    - online\n", ""))  # the reviewed contract no longer allows online payments
+    try:
+        p = run_mlnb(project, "run", *SMALL, timeout=600, check=1)
+        err = p.stderr.strip().splitlines()[-1]
+        assert "stage 'validate' failed" in err and "channel: isin(" in err and "row(s) (e.g. online)" in err
+    finally:
+        nb.write_text(original)
