@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_cli.ipynb #0002
 from __future__ import annotations
-import json, sys, time, traceback
+import json, os, sys, time, traceback
 from pathlib import Path
 import click
 from . import __version__
@@ -12,7 +12,7 @@ from .errors import MlnbError
 
 # %% auto #0
 __all__ = ['main', 'run', 'status', 'show', 'inspect', 'sync', 'models', 'promote', 'rollback', 'contract', 'contract_infer',
-           'contract_check']
+           'contract_check', 'build', 'serve']
 
 # %% ../nbs/10_cli.ipynb #0005
 class _Group(click.Group):
@@ -273,3 +273,28 @@ def contract_check(data, contract_file, as_json):
     rep = check_frame(_read_table(data), load_contract(contract_file))
     _out(rep, as_json, f"{rep['rows']} rows: " + ("ok" if rep["ok"] else describe_violations(rep)))
     if not rep["ok"]: raise ValidationError(f"{len(rep['violations'])} contract check(s) failed")
+
+# %% ../nbs/10_cli.ipynb #0015
+@main.command()
+@click.argument("ref", default="champion", metavar="[VERSION|ALIAS]")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def build(ctx, ref, as_json):
+    "Build a bento that serves the champion (or VERSION / ALIAS) of the project's model."
+    from mlnb.serving import build_bento
+    out = build_bento(_cfg(ctx), ref)
+    _out({k: v for k, v in out.items() if k != "settings"} | {"lineage": out["settings"]["lineage"]}, as_json,
+         f"{out['tag']}  (model version {out['version']}); serve it with `mlnb serve` or `bentoml serve {out['tag']}`")
+
+@main.command()
+@click.argument("tag", required=False, metavar="[BENTO]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.pass_context
+def serve(ctx, tag, host, port):
+    "Serve a bento (default: the newest one built) with `bentoml serve`."
+    from mlnb.serving import serve_command, latest_bento
+    cfg = _cfg(ctx)
+    cmd, env = serve_command(cfg, tag or latest_bento(cfg), host, port)
+    click.echo(" ".join(cmd), err=True)
+    os.execve(cmd[0], cmd, env)

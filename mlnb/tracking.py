@@ -11,7 +11,8 @@ from .errors import TrackingError, ConfigError, NotFound
 
 # %% auto #0
 __all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'follow_run', 'spawn_sync', 'register_model', 'actor',
-           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact']
+           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact',
+           'load_model_path', 'read_aliases', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -325,3 +326,32 @@ def version_artifact(cfg: Config, version, path: str, name: str | None = None) -
         try: local = client.download_artifacts(mv.run_id, path, tempfile.mkdtemp())
         except Exception: return None
     return Path(local).read_text()
+
+# %% ../nbs/04_tracking.ipynb #0019
+def load_model_path(path: str | Path):
+    "A scikit-learn model from a local MLflow model folder (inside a bento) or a `models:/` URI."
+    import mlflow.sklearn
+    return mlflow.sklearn.load_model(str(path))
+
+def read_aliases(tracking_uri: str, name: str) -> dict:
+    "`{alias: version}` of a registered model, read straight from the store."
+    import logging
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    import mlflow
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    from mlflow.exceptions import MlflowException
+    try: rm = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_registered_model(name)
+    except MlflowException as e: raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: {str(e).splitlines()[0]}") from e
+    return {a: int(v) for a, v in rm.aliases.items()}
+
+def model_version_info(cfg: Config, ref: str, name: str | None = None) -> dict:
+    "Version number, run ids, tags and creation time of a version or alias."
+    name = name or cfg.model_name
+    with _client(cfg) as client:
+        rm = _registered(client, name)
+        if str(ref).isdigit(): v = _check_version(client, name, ref)
+        elif ref in rm.aliases: v = int(rm.aliases[ref])
+        else: raise NotFound(f"model '{name}' has no alias '{ref}'; aliases: {', '.join(rm.aliases) or 'none'} (promote a version first)")
+        mv = client.get_model_version(name, str(v))
+    return {"name": name, "version": v, "run_id": mv.run_id, "tags": dict(mv.tags), "created": mv.creation_timestamp / 1000,
+            "model_uri": f"models:/{name}/{v}"}
