@@ -278,13 +278,14 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
                 "lineage": {"mlflow_run_id": info["run_id"], "pipeline_run_id": info["tags"].get("mlnb.run_id"),
                             "parent_run_id": info["tags"].get("mlnb.parent_run_id"), "data_digest": info["tags"].get("mlnb.data_digest"),
                             "trained_at": info["created"], "model_sha256": info["tags"].get("mlnb.model_sha256")}}
+    bento_version = f"v{info['version']}-{time.strftime('%Y%m%d%H%M%S')}"
+    settings["bento"] = f"{safe}:{bento_version}"
     (ctx / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     from importlib.metadata import version as v
     reqs = [f"{p}=={v(p)}" for p in ("bentoml", "mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pandera", "fastapi", "pydantic")]
-    bento = bentoml.bentos.build("mlnb.serving:Service", name=safe, build_ctx=str(ctx), include=["mlnb/*.py", SETTINGS_FILE],
+    bento = bentoml.bentos.build("mlnb.serving:Service", name=safe, version=bento_version, build_ctx=str(ctx), include=["mlnb/*.py", SETTINGS_FILE],
                                  models=[str(bm.tag)], python={"packages": reqs},
                                  labels={"mlnb.model": cfg.model_name, "mlnb.version": str(info["version"])})
-    settings["bento"] = str(bento.tag)
     return {"tag": str(bento.tag), "path": bento.path, "version": info["version"], "settings": settings}
 
 def serve_command(cfg: Config, tag: str, host: str = "127.0.0.1", port: int = 3000) -> tuple:

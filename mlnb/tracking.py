@@ -51,6 +51,7 @@ def _mlflow(cfg: Config):
     "Import mlflow, point it at the project's store, and translate its start-up failures."
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging, warnings
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.ERROR)
