@@ -140,13 +140,11 @@ class Models:
 
     def _load(self, version: int):
         from mlnb.tracking import load_model_path
-        return load_model_path(f"models:/{self.settings['model_name']}/{version}")
+        return load_model_path(f"models:/{self.settings['model_name']}/{version}", self.settings["tracking_uri"])
 
     def refresh(self):
         "Follow the registry's aliases once."
         from mlnb.tracking import read_aliases
-        import mlflow
-        mlflow.set_tracking_uri(self.settings["tracking_uri"]); mlflow.set_registry_uri(self.settings["tracking_uri"])
         aliases = read_aliases(self.settings["tracking_uri"], self.settings["model_name"])
         champ = aliases.get("champion")
         if champ is not None and champ != self.champion[0]:

@@ -329,9 +329,10 @@ def version_artifact(cfg: Config, version, path: str, name: str | None = None) -
     return Path(local).read_text()
 
 # %% ../nbs/04_tracking.ipynb #0019
-def load_model_path(path: str | Path):
-    "A scikit-learn model from a local MLflow model folder (inside a bento) or a `models:/` URI."
-    import mlflow.sklearn
+def load_model_path(path: str | Path, tracking_uri: str | None = None):
+    "A scikit-learn model from a local MLflow model folder (inside a bento) or a `models:/` URI of the registry at `tracking_uri`."
+    import mlflow, mlflow.sklearn
+    if tracking_uri: mlflow.set_tracking_uri(tracking_uri); mlflow.set_registry_uri(tracking_uri)
     return mlflow.sklearn.load_model(str(path))
 
 def read_aliases(tracking_uri: str, name: str) -> dict:
