@@ -104,7 +104,7 @@ def main():
             "mlnb bento (bentoml serve)": (serving.serve_command(mcfg, built["tag"], port=0)[0], {"BENTOML_HOME": str(serving.bento_home(cfg)), "MLNB_RELOAD_INTERVAL": "0"}, "/predict", None),
             "mlnb bento, prediction log off": (serving.serve_command(mcfg, built["tag"], port=0)[0], {"BENTOML_HOME": str(serving.bento_home(cfg)), "MLNB_RELOAD_INTERVAL": "0", "MLNB_PREDICTION_LOG": ""}, "/predict", None),
             "mlflow models serve --env-manager local": ([str(BIN / "mlflow"), "models", "serve", "-m", uri, "-p", "{port}", "--env-manager", "local"],
-                                                        {"MLFLOW_TRACKING_URI": cfg.tracking_uri, "OMP_NUM_THREADS": "1"}, "/invocations", None),
+                                                        {"MLFLOW_TRACKING_URI": cfg.tracking_uri, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}, "/invocations", None),
         }
         for name, (cmd, env, path, cwd) in servers.items():
             port = free_port()
@@ -115,7 +115,9 @@ def main():
             print(f"{label}: {name} ...", file=sys.stderr)
             p = start(cmd, env, f"http://127.0.0.1:{port}{path}", cwd=cwd)
             try:
-                for c in concs: results[(label, name, c)] = load(f"http://127.0.0.1:{port}{path}", body, c, a.seconds, work)
+                for c in concs:
+                    results[(label, name, c)] = r = load(f"http://127.0.0.1:{port}{path}", body, c, a.seconds, work)
+                    print(f"  c={c}: {r}", file=sys.stderr)
             finally:
                 stop(p); BODY = BODY_SAVED
     lines = [f"# Serving benchmarks ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {a.seconds} s per point; wrk throughput, hey latency)", ""]

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'contract_fields', 'RequestChecker', 'BadRequest', 'PredictionLog', 'read_prediction_log', 'Models',
-           'create_app', 'bento_home', 'build_bento', 'serve_command', 'latest_bento']
+           'Batcher', 'create_app', 'bento_home', 'build_bento', 'serve_command', 'latest_bento']
 
 # %% ../nbs/09_serving.ipynb #0002
 import json, os, random, shutil, threading, time, uuid, queue
@@ -174,12 +174,59 @@ def _settings() -> dict:
         if v is not None: s[k] = v
     return s
 
+class Batcher:
+    "Adaptive batching without waiting: everything queued when the model thread is free goes into one call."
+    def __init__(self, columns: list, max_rows: int = 256):
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+        self.columns, self.max_rows = columns, max_rows
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlnb-model")
+        self.queue: asyncio.Queue | None = None
+        self.batches = self.rows = 0
+
+    async def predict(self, model, records: list):
+        "Scores (positive-class probabilities) of `records` from `model`."
+        import asyncio
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._run())
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((model, records, fut))
+        return await fut
+
+    def _score(self, model, records):
+        import pandas as pd
+        return model.predict_proba(pd.DataFrame.from_records(records, columns=self.columns))[:, 1]
+
+    async def _run(self):
+        import asyncio
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            rows = len(items[0][1])
+            while not self.queue.empty() and rows < self.max_rows:
+                items.append(self.queue.get_nowait()); rows += len(items[-1][1])
+            by_model: dict = {}
+            for it in items: by_model.setdefault(id(it[0]), []).append(it)
+            for group in by_model.values():
+                recs = [r for _, rs, _ in group for r in rs]
+                try: proba = await loop.run_in_executor(self.pool, self._score, group[0][0], recs)
+                except Exception as e:  # a model error answers every request of the batch, and the batcher goes on
+                    for *_, fut in group:
+                        if not fut.done(): fut.set_exception(e)
+                    continue
+                self.batches += 1; self.rows += len(recs)
+                i = 0
+                for _, rs, fut in group:
+                    if not fut.done(): fut.set_result(proba[i:i + len(rs)])
+                    i += len(rs)
+
 def create_app(settings: dict, model, version: int):
     "The FastAPI app of the service (also used on its own by the tests and the thin-baseline benchmark)."
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import pandas as pd
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, ORJSONResponse
+    from fastapi.responses import JSONResponse
     app = FastAPI(title=f"mlnb: {settings['model_name']}", docs_url="/docs")
     checker = RequestChecker(settings["fields"], int(settings.get("max_batch") or 1000))
     models = Models(settings, model, version)
@@ -191,11 +238,13 @@ def create_app(settings: dict, model, version: int):
     async def bad_request(request, exc: BadRequest):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    batcher = Batcher(columns)
+    app.state.batcher = batcher
+
     async def score(request: Request):
         records, single = checker.check(await request.body())
         variant, version, mdl = models.pick()
-        X = pd.DataFrame.from_records(records, columns=columns)
-        proba = mdl.predict_proba(X)[:, 1]
+        proba = await batcher.predict(mdl, records)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         now = time.time()
         preds = [{"score": float(p), "prediction": int(p >= 0.5)} for p in proba]
@@ -214,7 +263,7 @@ def create_app(settings: dict, model, version: int):
         lineage = settings.get("versions", {}).get(str(v), {}) if v != settings["version"] else settings["lineage"]
         return {"model": settings["model_name"], "version": v, "built_version": settings["version"], "bento": settings.get("bento"),
                 **lineage, "challenger": models.challenger[0] if models.challenger else None, "canary_share": models.canary,
-                "switches": models.switches, "fields": settings["fields"]}
+                "switches": models.switches, "batching": {"batches": batcher.batches, "rows": batcher.rows}, "fields": settings["fields"]}
 
     if settings.get("tracking_uri") and float(settings.get("reload_interval") or 0) > 0:
         models.follow(float(settings["reload_interval"]))

@@ -11,8 +11,8 @@ from .errors import TrackingError, ConfigError, NotFound
 
 # %% auto #0
 __all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'follow_run', 'spawn_sync', 'register_model', 'actor',
-           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact',
-           'load_model_path', 'read_aliases', 'model_version_info']
+           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
+           'version_artifact', 'log_monitoring', 'load_model_path', 'read_aliases', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -161,6 +161,7 @@ def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.2, timeout: flo
     run_dir, t0, tr = Path(run_dir), time.time(), {}
     _mlflow(cfg)
     while time.time() - t0 < timeout:
+        if not (run_dir / "run.json").exists(): raise NotFound(f"run folder {run_dir} is gone; nothing to sync")
         rec = _read_json(run_dir / "run.json", {})
         tr = _read_json(run_dir / "tracking.json", {})
         if rec and tr.get("synced_rev") != rec.get("rev"): tr = sync_run(cfg, run_dir)
@@ -220,7 +221,9 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
             info = mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=example,
                                             pip_requirements=_requirements(), serialization_format="skops",
                                             skops_trusted_types=trusted)
-            for fname, text in (artifacts or {}).items(): mlflow.log_text(text, fname)
+            for fname, content in (artifacts or {}).items():
+                if isinstance(content, Path): mlflow.log_artifact(str(content))
+                else: mlflow.log_text(content, fname)
         try: client.get_registered_model(name)
         except Exception: client.create_registered_model(name)
         mv_tags = {"mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"], **(tags or {})}
@@ -317,16 +320,34 @@ def load_model(cfg: Config, ref: str, name: str | None = None):
     uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
     return mlflow.sklearn.load_model(uri)
 
-def version_artifact(cfg: Config, version, path: str, name: str | None = None) -> str | None:
-    "The text of an artifact logged beside a version's model (e.g. `contract.yaml`), or None."
+def version_artifact_path(cfg: Config, version, path: str, name: str | None = None) -> Path | None:
+    "A local copy of an artifact logged beside a version's model (e.g. `reference.parquet`), or None."
     name = name or cfg.model_name
     _mlflow(cfg)
     with _client(cfg) as client:
         mv = client.get_model_version(name, str(version))
         import tempfile
-        try: local = client.download_artifacts(mv.run_id, path, tempfile.mkdtemp())
-        except Exception: return None
-    return Path(local).read_text()
+        try: return Path(client.download_artifacts(mv.run_id, path, tempfile.mkdtemp()))
+        except Exception: return None  # MLflow raises several kinds for a missing artifact
+
+def version_artifact(cfg: Config, version, path: str, name: str | None = None) -> str | None:
+    "The text of an artifact logged beside a version's model (e.g. `contract.yaml`), or None."
+    local = version_artifact_path(cfg, version, path, name)
+    return local.read_text() if local else None
+
+def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: dict | None = None) -> str:
+    "Record a monitoring check as a run of the experiment `<experiment>-monitoring`, tagged with the model version."
+    mlflow = _mlflow(cfg)
+    with _client(cfg) as client:
+        exp = client.get_experiment_by_name(cfg.experiment + "-monitoring")
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment + "-monitoring",
+            artifact_location=(cfg.root / cfg.artifact_root).resolve().as_uri() if cfg.tracking_uri.startswith("sqlite:") else None)
+        run_id = client.create_run(exp_id, tags={"mlflow.runName": f"monitor v{version}", "mlnb.kind": "monitor",
+                                                  "mlnb.model": cfg.model_name, "mlnb.model_version": str(version), **(tags or {})}).info.run_id
+        _log(client, run_id, metrics=metrics)
+        for f in files: client.log_artifact(run_id, str(f))
+        client.set_terminated(run_id)
+    return run_id
 
 # %% ../nbs/04_tracking.ipynb #0019
 def load_model_path(path: str | Path, tracking_uri: str | None = None):

@@ -1,0 +1,117 @@
+"Drift verdicts, false positives, refused windows, and the whole loop with real processes."
+import json, os, shutil, signal, subprocess, time
+from pathlib import Path
+import httpx
+import numpy as np
+import pytest
+from conftest import MLNB, ROOT, run_json, run_mlnb
+
+from mlnb.data import generate_transactions, FEATURES, CATEGORICAL
+from mlnb.errors import ValidationError
+from mlnb.monitor import detect_drift, drift_settings, numeric_drift
+
+
+def test_known_drift_and_no_drift():
+    ref = generate_transactions(8000, seed=1)
+    for seed in (2, 3, 4):
+        assert not detect_drift(ref, generate_transactions(3000, seed=seed), FEATURES, CATEGORICAL)["dataset_drift"]
+        moved = detect_drift(ref, generate_transactions(3000, seed=seed, drift=0.8), FEATURES, CATEGORICAL)
+        assert moved["dataset_drift"] and {"amount", "channel", "merchant_category"} <= set(moved["drifted_columns"])
+
+
+def test_large_reference_uses_distances():
+    ref = generate_transactions(30000, seed=1)
+    rep = detect_drift(ref, generate_transactions(3000, seed=2, drift=1.0), FEATURES, CATEGORICAL)
+    tests = {c["column"]: c["test"] for c in rep["columns"]}
+    assert tests["amount"] == "wasserstein_normed" and tests["channel"] == "jensenshannon" and rep["dataset_drift"]
+    assert not detect_drift(ref, generate_transactions(3000, seed=3), FEATURES, CATEGORICAL)["dataset_drift"]
+
+
+def test_false_positive_rate_on_identical_distributions():
+    s = drift_settings()
+    alpha, trials, flagged, datasets = s["drift_alpha"], 0, 0, 0
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        ref, cur = rng.normal(5, 2, (2000, 5)), rng.normal(5, 2, (1000, 5))
+        res = numeric_drift(ref, cur, list("abcde"), s)
+        trials += len(res); flagged += sum(r["drifted"] for r in res)
+        datasets += sum(r["drifted"] for r in res) / len(res) >= s["drift_share"]
+    rate = flagged / trials
+    tolerance = 2 * np.sqrt(alpha * (1 - alpha) / trials)  # two binomial standard deviations over 300 tests
+    assert rate <= alpha + tolerance, f"per-column false-positive rate {rate:.3f} over {trials} tests, alpha {alpha}"
+    assert datasets / 60 <= alpha, f"dataset-level false alarms {datasets}/60"
+
+
+def test_windows_it_cannot_judge_say_why():
+    ref = generate_transactions(2000, seed=1)
+    with pytest.raises(ValidationError, match="the current window has 0 rows; at least 100"): detect_drift(ref, ref.head(0), FEATURES, CATEGORICAL)
+    with pytest.raises(ValidationError, match="has 50 rows"): detect_drift(ref, ref.head(50), FEATURES, CATEGORICAL)
+    with pytest.raises(ValidationError, match=r"lacks column\(s\) channel, region"): detect_drift(ref, ref.drop(columns=["channel", "region"]), FEATURES, CATEGORICAL)
+    cur = generate_transactions(500, seed=2)
+    cur.loc[:20, "distance_km"] = np.nan
+    cur.loc[:3, "region"] = "atlantis"
+    rep = detect_drift(ref, cur, FEATURES, CATEGORICAL)
+    col = {c["column"]: c for c in rep["columns"]}
+    assert col["distance_km"]["missing_values"] == 21 and col["region"]["unseen"] == ["atlantis"] and col["region"]["drifted"]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
+    d = tmp_path / "proj"; d.mkdir()
+    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
+    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    run_json(d, "run", "--jobs", "2", timeout=600)
+    built = run_json(d, "build", timeout=300)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*MLNB, "--project", str(d), "serve", built["tag"], "--port", str(port)], env={**os.environ, "MLNB_RELOAD_INTERVAL": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
+            except httpx.HTTPError: time.sleep(0.5)
+        # production traffic like the training data: no drift, exit 0
+        run_mlnb(d, "simulate", "--url", url, "--rows", "600", "--seed", "500", check=0)
+        time.sleep(1.5)  # the prediction log flushes every half second
+        calm = run_mlnb(d, "monitor", "--json", check=0)
+        assert json.loads(calm.stdout)["alert"] is False
+        # drifted traffic, then its labels: drift detected (exit 3), an incident opens, and --retrain trains a new champion
+        shutil.rmtree(d / ".mlnb/predictions")
+        time.sleep(0.2)
+        run_mlnb(d, "simulate", "--url", url, "--rows", "3000", "--seed", "501", "--drift", "0.9", "--labels", str(d / "labels.jsonl"), check=0)
+        time.sleep(1.5)
+        p = run_mlnb(d, "monitor", "--labels", str(d / "labels.jsonl"), "--retrain", "--json", timeout=900)
+        assert p.returncode == 3, p.stderr
+        res = json.loads(p.stdout)
+        assert res["report"]["dataset_drift"] and res["incident"]["status"] == "open"
+        assert Path(res["paths"]["html"]).exists() and "<svg" in Path(res["paths"]["html"]).read_text()
+        assert res["report"]["performance"]["rows"] > 2000
+        assert res["retrain"]["champion"] == 2, res["retrain"]
+        # the running service follows the new champion
+        deadline = time.time() + 30
+        while time.time() < deadline and httpx.get(url + "/metadata").json()["version"] != 2: time.sleep(0.5)
+        r = httpx.post(url + "/predict", json=generate_transactions(1, seed=9, drift=0.9)[FEATURES].to_dict("records")[0])
+        assert r.json()["model_version"] == 2
+        # traffic like the new champion's training data: no drift, and the incident closes
+        run_mlnb(d, "simulate", "--url", url, "--rows", "800", "--seed", "502", "--drift", "0.9", check=0)
+        time.sleep(1.5)
+        p = run_mlnb(d, "monitor", "--json", check=0)
+        res = json.loads(p.stdout)
+        assert res["report"]["model_version"] == 2 and res["alert"] is False
+        assert res["incident"]["status"] == "closed" and res["incident"]["closed_by_version"] == 2
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(timeout=30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_monitor_errors_are_one_line(chain):
+    p = run_mlnb(chain, "monitor", check=1)
+    assert p.stderr.strip().startswith("mlnb: error: no registered model 'test-model'")
