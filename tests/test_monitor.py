@@ -83,11 +83,9 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
         calm = run_mlnb(d, "monitor", "--json", check=0)
         assert json.loads(calm.stdout)["alert"] is False
         # drifted traffic, then its labels: drift detected (exit 3), an incident opens, and --retrain trains a new champion
-        shutil.rmtree(d / ".mlnb/predictions")
-        time.sleep(0.2)
         run_mlnb(d, "simulate", "--url", url, "--rows", "3000", "--seed", "501", "--drift", "0.9", "--labels", str(d / "labels.jsonl"), check=0)
         time.sleep(1.5)
-        p = run_mlnb(d, "monitor", "--labels", str(d / "labels.jsonl"), "--retrain", "--json", timeout=900)
+        p = run_mlnb(d, "monitor", "--window", "3000", "--labels", str(d / "labels.jsonl"), "--retrain", "--json", timeout=900)
         assert p.returncode == 3, p.stderr
         res = json.loads(p.stdout)
         assert res["report"]["dataset_drift"] and res["incident"]["status"] == "open"
