@@ -336,13 +336,14 @@ def simulate(ctx, url, rows, drift, seed, labels_out, concurrency):
 @click.option("--window", default=5000, show_default=True, type=click.IntRange(1), help="The newest N logged predictions.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Ground truth (request_id, is_fraud): adds performance.")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: .mlnb/monitor/TIME).")
-@click.option("--retrain", is_flag=True, help="On drift or degradation, retrain on the labelled window through the pipeline.")
+@click.option("--retrain", is_flag=True, help="On drift or degradation, retrain on the labelled window through the pipeline (also: retrain_on_alert = true).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
     "Drift and performance of the champion's traffic against its reference data; exit 3 on drift."
     from mlnb.monitor import check_champion
     cfg = _cfg(ctx)
+    retrain = retrain or str(cfg.get("retrain_on_alert", "false")).lower() in ("true", "1", "yes")  # the policy in settings.ini
     res = check_champion(cfg, data=data, log_dir=log_dir, window=window, labels=labels, out=out, retrain=retrain)
     rep = res["report"]
     perf = rep.get("performance") or {}

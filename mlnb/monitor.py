@@ -34,47 +34,49 @@ def _psi(ref_counts, cur_counts, eps=1e-4):
 
 def _wasserstein_sorted(a, b):
     "W1 between two sorted samples (the same formula as scipy.stats.wasserstein_distance)."
-    allv = np.sort(np.concatenate([a, b]))
+    allv = np.sort(np.concatenate([a, b]), kind="stable")  # two sorted runs: timsort merges them in linear time
     deltas = np.diff(allv)
     ca = np.searchsorted(a, allv[:-1], side="right") / len(a)
     cb = np.searchsorted(b, allv[:-1], side="right") / len(b)
     return float(np.sum(np.abs(ca - cb) * deltas))
 
 # %% ../nbs/11_monitor.ipynb #0006
-def numeric_drift(ref, cur, names: list, s: dict) -> list:
+def numeric_drift(ref, cur, names: list, s: dict, block: int = 8) -> list:
     "Drift of numeric columns: `ref` and `cur` are 2-D float arrays (rows × columns)."
     from scipy import stats
     ref, cur = np.asarray(ref, float), np.asarray(cur, float)
     large = len(ref) > s["drift_large_reference"]
-    out = []
     if not large:
         ks = stats.ks_2samp(ref, cur, axis=0)
         stat, pval = np.atleast_1d(ks.statistic), np.atleast_1d(ks.pvalue)
-    rs, cs = np.sort(ref, axis=0), np.sort(cur, axis=0)
-    qs = np.quantile(ref, np.linspace(0, 1, 11)[1:-1], axis=0)
-    for j, name in enumerate(names):
-        r, c = rs[:, j], cs[:, j]
-        edges = np.unique(qs[:, j])
-        psi = _psi(np.bincount(np.searchsorted(edges, r, side="right"), minlength=len(edges) + 1).astype(float),
-                   np.bincount(np.searchsorted(edges, c, side="right"), minlength=len(edges) + 1).astype(float))
-        if large:
-            sd = float(np.std(r)) or 1.0
-            d = _wasserstein_sorted(r, c) / sd
-            out.append({"column": name, "kind": "numeric", "test": "wasserstein_normed", "statistic": d, "p_value": None,
-                        "threshold": s["drift_wasserstein"], "drifted": bool(d > s["drift_wasserstein"]), "psi": psi})
-        else:
-            out.append({"column": name, "kind": "numeric", "test": "ks", "statistic": float(stat[j]), "p_value": float(pval[j]),
-                        "threshold": s["drift_alpha"], "drifted": bool(pval[j] < s["drift_alpha"]), "psi": psi})
+    qi = np.round(np.linspace(0, 1, 11)[1:-1] * (len(ref) - 1)).astype(int)
+    out = []
+    for j0 in range(0, ref.shape[1], block):  # columns a block at a time: one sort per block, bounded memory
+        rs, cs = np.sort(ref[:, j0:j0 + block], axis=0), np.sort(cur[:, j0:j0 + block], axis=0)
+        for k in range(rs.shape[1]):
+            j, name = j0 + k, names[j0 + k]
+            r, c = rs[:, k], cs[:, k]
+            edges = np.unique(r[qi])  # deciles of the reference
+            psi = _psi(np.bincount(np.searchsorted(edges, r, side="right"), minlength=len(edges) + 1).astype(float),
+                       np.bincount(np.searchsorted(edges, c, side="right"), minlength=len(edges) + 1).astype(float))
+            if large:
+                sd = float(np.std(r)) or 1.0
+                d = _wasserstein_sorted(r, c) / sd
+                out.append({"column": name, "kind": "numeric", "test": "wasserstein_normed", "statistic": d, "p_value": None,
+                            "threshold": s["drift_wasserstein"], "drifted": bool(d > s["drift_wasserstein"]), "psi": psi})
+            else:
+                out.append({"column": name, "kind": "numeric", "test": "ks", "statistic": float(stat[j]), "p_value": float(pval[j]),
+                            "threshold": s["drift_alpha"], "drifted": bool(pval[j] < s["drift_alpha"]), "psi": psi})
     return out
 
 def categorical_drift(ref, cur, name: str, s: dict) -> dict:
     "Drift of one categorical column (two 1-D arrays of labels)."
     from scipy import stats
     from scipy.spatial.distance import jensenshannon
-    cats = sorted(set(np.unique(ref).tolist()) | set(np.unique(cur).tolist()), key=str)
-    idx = {c: i for i, c in enumerate(cats)}
-    rc = np.bincount([idx[v] for v in ref], minlength=len(cats)).astype(float)
-    cc = np.bincount([idx[v] for v in cur], minlength=len(cats)).astype(float)
+    import pandas as pd
+    codes, cats = pd.factorize(np.concatenate([np.asarray(ref, dtype=object), np.asarray(cur, dtype=object)]))  # hashing, not sorting
+    rc = np.bincount(codes[:len(ref)], minlength=len(cats)).astype(float)
+    cc = np.bincount(codes[len(ref):], minlength=len(cats)).astype(float)
     unseen = [str(c) for c, n_ref, n_cur in zip(cats, rc, cc) if n_ref == 0 and n_cur > 0]
     psi = _psi(rc, cc)
     if len(ref) > s["drift_large_reference"]:

@@ -305,6 +305,7 @@ def _bentoml(cfg: Config):
 def build_bento(cfg: Config, ref: str = "champion") -> dict:
     "Build a bento serving version or alias `ref` of the project's model; returns its tag and settings."
     from mlnb import tracking
+    globals().pop("Service", None)  # BentoML imports the service to build it: a service defined for an earlier build must not be reused
     info = tracking.model_version_info(cfg, ref)
     contract = tracking.version_artifact(cfg, info["version"], "contract.yaml")
     if not contract: raise NotFound(f"version {info['version']} has no contract.yaml artifact; register it through the pipeline's register stage")
@@ -328,10 +329,11 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
     bento_version = f"v{info['version']}-{time.strftime('%Y%m%d%H%M%S')}"
     settings["bento"] = f"{safe}:{bento_version}"
     (ctx / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    globals().pop("Service", None)
     from importlib.metadata import version as v
     reqs = [f"{p}=={v(p)}" for p in ("bentoml", "mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pandera", "fastapi", "pydantic")]
     bento = bentoml.bentos.build("mlnb.serving:Service", name=safe, version=bento_version, build_ctx=str(ctx), include=["mlnb/*.py", SETTINGS_FILE],
-                                 models=[str(bm.tag)], python={"packages": reqs},
+                                 models=[str(bm.tag)], python={"packages": reqs, "lock_packages": False},
                                  labels={"mlnb.model": cfg.model_name, "mlnb.version": str(info["version"])})
     return {"tag": str(bento.tag), "path": bento.path, "version": info["version"], "settings": settings}
 
