@@ -267,6 +267,12 @@ def create_app(settings: dict, model, version: int):
 
     if settings.get("tracking_uri") and float(settings.get("reload_interval") or 0) > 0:
         models.follow(float(settings["reload_interval"]))
+    if os.environ.get("MLNB_GC_FREEZE", "1") == "1":
+        # mlflow, pandas and sklearn leave millions of long-lived objects; freezing them keeps the collector's full
+        # passes (which otherwise stall a request for a tenth of a second or more) to what requests allocate
+        import gc
+        gc.collect(); gc.freeze()
+        gc.set_threshold(50_000, 50, 1000)  # fewer young-generation passes under load
     return app
 
 # %% ../nbs/09_serving.ipynb #0013
