@@ -41,7 +41,7 @@ def _wasserstein_sorted(a, b):
     return float(np.sum(np.abs(ca - cb) * deltas))
 
 # %% ../nbs/11_monitor.ipynb #0006
-def numeric_drift(ref, cur, names: list, s: dict, block: int = 8) -> list:
+def numeric_drift(ref, cur, names: list, s: dict, block: int = 5) -> list:
     "Drift of numeric columns: `ref` and `cur` are 2-D float arrays (rows × columns)."
     from scipy import stats
     ref, cur = np.asarray(ref, float), np.asarray(cur, float)
@@ -50,9 +50,10 @@ def numeric_drift(ref, cur, names: list, s: dict, block: int = 8) -> list:
         ks = stats.ks_2samp(ref, cur, axis=0)
         stat, pval = np.atleast_1d(ks.statistic), np.atleast_1d(ks.pvalue)
     qi = np.round(np.linspace(0, 1, 11)[1:-1] * (len(ref) - 1)).astype(int)
-    out = []
-    for j0 in range(0, ref.shape[1], block):  # columns a block at a time: one sort per block, bounded memory
+
+    def one_block(j0):  # NumPy's sort and searchsorted release the GIL: blocks run on all cores
         rs, cs = np.sort(ref[:, j0:j0 + block], axis=0), np.sort(cur[:, j0:j0 + block], axis=0)
+        res = []
         for k in range(rs.shape[1]):
             j, name = j0 + k, names[j0 + k]
             r, c = rs[:, k], cs[:, k]
@@ -62,19 +63,26 @@ def numeric_drift(ref, cur, names: list, s: dict, block: int = 8) -> list:
             if large:
                 sd = float(np.std(r)) or 1.0
                 d = _wasserstein_sorted(r, c) / sd
-                out.append({"column": name, "kind": "numeric", "test": "wasserstein_normed", "statistic": d, "p_value": None,
+                res.append({"column": name, "kind": "numeric", "test": "wasserstein_normed", "statistic": d, "p_value": None,
                             "threshold": s["drift_wasserstein"], "drifted": bool(d > s["drift_wasserstein"]), "psi": psi})
             else:
-                out.append({"column": name, "kind": "numeric", "test": "ks", "statistic": float(stat[j]), "p_value": float(pval[j]),
+                res.append({"column": name, "kind": "numeric", "test": "ks", "statistic": float(stat[j]), "p_value": float(pval[j]),
                             "threshold": s["drift_alpha"], "drifted": bool(pval[j] < s["drift_alpha"]), "psi": psi})
-    return out
+        return res
+
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as ex:
+        blocks = list(ex.map(one_block, range(0, ref.shape[1], block)))
+    return [r for b in blocks for r in b]
 
 def categorical_drift(ref, cur, name: str, s: dict) -> dict:
     "Drift of one categorical column (two 1-D arrays of labels)."
     from scipy import stats
     from scipy.spatial.distance import jensenshannon
     import pandas as pd
-    codes, cats = pd.factorize(np.concatenate([np.asarray(ref, dtype=object), np.asarray(cur, dtype=object)]))  # hashing, not sorting
+    codes, cats = pd.factorize(pd.concat([pd.Series(ref).astype(str), pd.Series(cur).astype(str)], ignore_index=True))  # hashing, not sorting
+    cats = np.asarray(cats, dtype=object)
     rc = np.bincount(codes[:len(ref)], minlength=len(cats)).astype(float)
     cc = np.bincount(codes[len(ref):], minlength=len(cats)).astype(float)
     unseen = [str(c) for c, n_ref, n_cur in zip(cats, rc, cc) if n_ref == 0 and n_cur > 0]
@@ -110,8 +118,7 @@ def detect_drift(reference, current, features: list, categorical: list, settings
         ok = ~cur_num.isna().any(axis=1)
         cols += numeric_drift(reference[num].to_numpy(float), cur_num[ok].to_numpy(float), num, s)
     for c in categorical:
-        cur = current[c].dropna().astype(str).to_numpy()
-        cols.append(categorical_drift(reference[c].astype(str).to_numpy(), cur, c, s))
+        cols.append(categorical_drift(reference[c].astype(str), current[c].dropna().astype(str), c, s))
     for r in cols: r["missing_values"] = nans.get(r["column"], 0)
     out = {"rows_reference": len(reference), "rows_current": len(current), "columns": cols,
            "drifted_columns": [r["column"] for r in cols if r["drifted"]], "settings": s}
