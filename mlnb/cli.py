@@ -238,15 +238,6 @@ def rollback(ctx, reason, as_json):
     _out(event, as_json, f"champion: {event['from']} -> {event['to']} (rolled back)")
 
 # %% ../nbs/20_cli.ipynb #0013
-def _read_table(path):
-    import pandas as pd
-    from mlnb.errors import ConfigError
-    p = Path(path)
-    if p.suffix == ".parquet": return pd.read_parquet(p)
-    if p.suffix in (".csv", ".txt"): return pd.read_csv(p)
-    if p.suffix in (".jsonl", ".ndjson"): return pd.read_json(p, lines=True)
-    raise ConfigError(f"cannot read {p.name}: accepted formats are .parquet, .csv, .jsonl")
-
 @main.group()
 def contract():
     "Data contracts (pandera schemas as YAML)."
@@ -258,7 +249,8 @@ def contract():
 def contract_infer(data, out, exclude):
     "Infer a contract from DATA (parquet, csv, jsonl) and write it to OUT as YAML."
     from mlnb.contracts import infer_contract, save_contract
-    df = _read_table(data).drop(columns=list(exclude), errors="ignore")
+    from mlnb.monitor import read_table
+    df = read_table(data).drop(columns=list(exclude), errors="ignore")
     save_contract(infer_contract(df), out)
     click.echo(out)
 
@@ -270,7 +262,8 @@ def contract_check(data, contract_file, as_json):
     "Check DATA against CONTRACT; exit 1 with one line per broken check."
     from mlnb.contracts import load_contract, check_frame, describe_violations
     from mlnb.errors import ValidationError
-    rep = check_frame(_read_table(data), load_contract(contract_file))
+    from mlnb.monitor import read_table
+    rep = check_frame(read_table(data), load_contract(contract_file))
     _out(rep, as_json, f"{rep['rows']} rows: " + ("ok" if rep["ok"] else describe_violations(rep)))
     if not rep["ok"]: raise ValidationError(f"{len(rep['violations'])} contract check(s) failed")
 

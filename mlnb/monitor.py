@@ -12,7 +12,7 @@ from .errors import ConfigError, ValidationError
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'drift_settings', 'numeric_drift', 'categorical_drift', 'detect_drift', 'performance', 'render_html',
-           'write_report', 'load_window', 'list_incidents', 'retrain_on_window', 'check_champion']
+           'write_report', 'read_table', 'load_window', 'list_incidents', 'retrain_on_window', 'check_champion']
 
 # %% ../nbs/11_monitor.ipynb #0005
 DEFAULTS = {"drift_alpha": 0.05, "drift_large_reference": 10_000, "drift_wasserstein": 0.1, "drift_jensenshannon": 0.1,
@@ -207,7 +207,8 @@ def write_report(report: dict, reference, current, categorical: list, out_dir: P
     return {"html": str(out / "drift_report.html"), "json": str(out / "drift_report.json")}
 
 # %% ../nbs/11_monitor.ipynb #0019
-def _read_table(path):
+def read_table(path):
+    "A data file as a DataFrame: parquet, CSV or JSON lines."
     import pandas as pd
     p = Path(path)
     if p.suffix == ".parquet": return pd.read_parquet(p)
@@ -217,7 +218,7 @@ def _read_table(path):
 
 def load_window(cfg: Config, version: int, data=None, log_dir=None, window: int = 5000):
     "The rows to judge: a data file, or the newest `window` answers of `version` in the prediction log."
-    if data: return _read_table(data)
+    if data: return read_table(data)
     from mlnb.serving import read_prediction_log
     folder = Path(log_dir) if log_dir else cfg.root / cfg.get("prediction_log", f"{cfg.state_dir}/predictions")
     df = read_prediction_log(folder)
@@ -282,7 +283,7 @@ def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, lab
     rep.update(model=cfg.model_name, model_version=version, checked_at=time.time())
     lab = None
     if labels:
-        lab = _read_table(labels)
+        lab = read_table(labels)
         target = next((c for c in lab.columns if c != "request_id"), None)
         if "request_id" not in lab or target is None:
             raise ValidationError(f"labels file {labels} needs columns request_id and the label; it has {', '.join(lab.columns)}")
