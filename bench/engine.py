@@ -79,7 +79,7 @@ def bench_reference(repeat):
     rows = {"reference pipeline cold (mlnb run --force)": timed(cold, repeat)}
     def bare():  # the same six notebooks run by papermill one after another, each reading its upstream's latest products
         import papermill as pm
-        for s in ["ingest", "validate", "features", "train", "evaluate", "register"]:
+        for s in ["ingest", "validate", "features", "train", "evaluate", "gate", "register"]:
             pm.execute_notebook(str(d / "nbs/pipeline" / f"{s}.ipynb"), str(d / f"bare-{s}.ipynb"), progress_bar=False, cwd=str(d / "nbs/pipeline"))
     os.environ["MLNB_PROJECT"] = str(d)
     rows["reference pipeline, bare papermill on each notebook"] = timed(bare, repeat)
@@ -111,7 +111,7 @@ def main():
     bare = r["reference pipeline, bare papermill on each notebook"][0]
     cached = r["reference pipeline fully cached (mlnb run)"][0]
     py = r["python interpreter start (python -c pass)"][0]
-    lines += ["", "## (b) and (c) The reference pipeline (6 stages)", "", "| what | s | ratio |", "| --- | ---: | --- |",
+    lines += ["", "## (b) and (c) The reference pipeline (7 stages)", "", "| what | s | ratio |", "| --- | ---: | --- |",
               f"| (c) cold, `mlnb run --force` | {cold:.2f} | {cold / bare:.2f} × bare papermill on each notebook |",
               f"| bare papermill on each notebook (baseline) | {bare:.2f} | 1.00 |",
               f"| (b) fully cached, `mlnb run` | {cached:.3f} | {cached / cold:.4f} × cold; {cached / py:.1f} × `python -c pass` |",
