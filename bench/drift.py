@@ -8,7 +8,7 @@ same data, written to parquet. Peak memory of each is measured in its own proces
 
 Usage: .venv/bin/python bench/drift.py [--rows 1000000] [--evidently-timeout 900] [--out bench/RESULTS-drift.md]
 """
-import argparse, json, os, resource, subprocess, sys, tempfile, textwrap, time
+import argparse, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@
 
 Usage: .venv/bin/python bench/engine.py [--repeat N] [--out bench/RESULTS-engine.md]
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, textwrap, time
+import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_monitor.ipynb #0002
 from __future__ import annotations
-import base64, html, io, json, math, time
+import html, io, json, time
 from pathlib import Path
 import numpy as np
 from .config import Config

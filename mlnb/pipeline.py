@@ -9,7 +9,8 @@ from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import Config
-from .errors import ConfigError, NotFound, PipelineError, StageFailed, StageTimeout, MlnbError
+from .tracking import pid_alive  # light: tracking imports mlflow only inside its functions
+from .errors import ConfigError, NotFound, PipelineError, StageFailed, StageTimeout
 
 # %% auto #0
 __all__ = ['Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params', 'env_digest', 'input_digests',
@@ -376,13 +377,9 @@ def load_run(cfg: Config, run_id: str) -> dict:
         raise NotFound(f"no run '{run_id}' in {rd}; recent runs: {known}")
     return _read_record(p)
 
-def _alive(pid) -> bool:
-    try: os.kill(int(pid), 0); return True
-    except (OSError, ValueError, TypeError): return False
-
 def _read_record(p: Path) -> dict:
     rec = json.loads(p.read_text())
-    if rec.get("status") == "running" and rec.get("pid") and rec.get("host") == platform.node() and not _alive(rec["pid"]):
+    if rec.get("status") == "running" and rec.get("pid") and rec.get("host") == platform.node() and not pid_alive(rec["pid"]):
         rec["status"] = "interrupted"  # its process is gone (killed, machine restarted): resumable like Ctrl-C
         for s in rec["stages"].values():
             if s["status"] in ("running", "queued"): s["status"] = "interrupted"

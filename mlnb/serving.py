@@ -37,7 +37,7 @@ class RequestChecker:
     "Validates JSON request records against a contract; `check(body)` returns records or raises `BadRequest`."
     def __init__(self, fields: dict, max_batch: int = 1000):
         from typing import Literal, Optional
-        from pydantic import create_model, ConfigDict, Field, StrictInt, StrictFloat
+        from pydantic import create_model, ConfigDict, Field, StrictInt
         self.fields, self.max_batch = fields, max_batch
         defs = {}
         for name, spec in fields.items():
@@ -222,9 +222,8 @@ class Batcher:
                     i += len(rs)
 
 def create_app(settings: dict, model, version: int):
-    "The FastAPI app of the service (also used on its own by the tests and the thin-baseline benchmark)."
+    "The FastAPI app of the service: `/predict`, `/predict/batch`, `/metadata` (mounted on the BentoML service)."
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import pandas as pd
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     app = FastAPI(title=f"mlnb: {settings['model_name']}", docs_url="/docs")

@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib, fcntl, json, os, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 from .config import Config, load_config
-from .errors import TrackingError, ConfigError, NotFound
+from .errors import TrackingError, NotFound
 
 # %% auto #0
-__all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'follow_run', 'spawn_sync', 'register_model', 'actor',
-           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
+__all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'register_model',
+           'actor', 'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
            'version_artifact', 'log_monitoring', 'load_model_path', 'read_aliases', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
@@ -152,7 +152,8 @@ def sync_run(cfg: Config, run_dir: Path | str) -> dict:
     return tr
 
 # %% ../nbs/04_tracking.ipynb #0013
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    "Whether a process with this id is running on this machine."
     try: os.kill(int(pid), 0); return True
     except (OSError, ValueError, TypeError): return False
 
@@ -165,7 +166,7 @@ def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.2, timeout: flo
         rec = _read_json(run_dir / "run.json", {})
         tr = _read_json(run_dir / "tracking.json", {})
         if rec and tr.get("synced_rev") != rec.get("rev"): tr = sync_run(cfg, run_dir)
-        ended = rec.get("status") not in (None, "running") or (rec.get("pid") and not _alive(rec["pid"]))
+        ended = rec.get("status") not in (None, "running") or (rec.get("pid") and not pid_alive(rec["pid"]))
         if ended and tr.get("synced_rev") == rec.get("rev"): return tr
         time.sleep(poll)
     raise TrackingError(f"run {run_dir.name} did not end within {timeout:g} s; `mlnb sync {run_dir.name}` logs it later")
@@ -337,7 +338,6 @@ def version_artifact(cfg: Config, version, path: str, name: str | None = None) -
 
 def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: dict | None = None) -> str:
     "Record a monitoring check as a run of the experiment `<experiment>-monitoring`, tagged with the model version."
-    mlflow = _mlflow(cfg)
     with _client(cfg) as client:
         exp = client.get_experiment_by_name(cfg.experiment + "-monitoring")
         exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment + "-monitoring",

@@ -1,6 +1,5 @@
 "Module boundaries from the style guide, checked on the generated package with `ast`."
 import ast, subprocess, sys
-from pathlib import Path
 from conftest import ROOT
 
 PKG = ROOT / "mlnb"

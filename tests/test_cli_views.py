@@ -1,6 +1,5 @@
 "status, show and inspect: what a person and a machine read about runs and stages."
-import json
-from conftest import add_stage, run_json, run_mlnb
+from conftest import run_json, run_mlnb
 
 
 def test_status_show_inspect(chain):

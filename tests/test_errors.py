@@ -1,8 +1,6 @@
 "Bad input through the real CLI: one line on stderr naming what was wrong and what would be accepted, and the exit code."
-import json, sys
-from pathlib import Path
-import pytest
-from conftest import MLNB, ROOT, add_stage, run_mlnb
+import json
+from conftest import MLNB, add_stage, run_mlnb
 import subprocess
 
 

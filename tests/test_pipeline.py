@@ -1,7 +1,6 @@
 "The pipeline engine through the real CLI: cache keys, selection, failure and resume, parallelism, timeouts."
-import json, os, signal, subprocess, sys, threading, time
+import json, os, signal, subprocess, time
 from pathlib import Path
-import pytest
 from conftest import MLNB, add_stage, run_json, run_mlnb, statuses
 
 

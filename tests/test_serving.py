@@ -1,6 +1,5 @@
 "A real `bentoml serve` of a bento built from the registry, spoken to over HTTP on 127.0.0.1."
-import json, os, shutil, socket, subprocess, sys, threading, time
-from pathlib import Path
+import os, shutil, socket, subprocess, threading, time
 import httpx
 import pytest
 from conftest import MLNB, ROOT, run_json, run_mlnb

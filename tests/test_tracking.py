@@ -1,8 +1,7 @@
 "What a pipeline run leaves in MLflow (a real SQLite store in the test's folder)."
-import json, os, subprocess, time
+import json, subprocess
 from pathlib import Path
-import pytest
-from conftest import ROOT, add_stage, run_json, run_mlnb
+from conftest import add_stage, run_json, run_mlnb
 
 
 def client(project):
