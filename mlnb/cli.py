@@ -12,7 +12,8 @@ from .errors import MlnbError
 
 # %% auto #0
 __all__ = ['DRIFT_EXIT', 'main', 'run', 'status', 'show', 'inspect', 'sync', 'models', 'promote', 'rollback', 'contract',
-           'contract_infer', 'contract_check', 'build', 'serve', 'simulate', 'monitor']
+           'contract_infer', 'contract_check', 'build', 'serve', 'simulate', 'monitor', 'audit', 'audit_verify',
+           'lineage', 'card', 'reproduce', 'report']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -232,9 +233,9 @@ def promote(ctx, version, reason, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def rollback(ctx, reason, as_json):
-    "Move the champion back to the previous champion."
-    from mlnb.tracking import rollback as do_rollback
-    event = do_rollback(_cfg(ctx), reason)
+    "Move the champion back to the previous champion (if the policy lets you)."
+    from mlnb.gates import rollback_champion
+    event = rollback_champion(_cfg(ctx), reason)
     _out(event, as_json, f"champion: {event['from']} -> {event['to']} (rolled back)")
 
 # %% ../nbs/20_cli.ipynb #0013
@@ -286,9 +287,13 @@ def build(ctx, ref, as_json):
 @click.pass_context
 def serve(ctx, tag, host, port):
     "Serve a bento (default: the newest one built) with `bentoml serve`."
-    from mlnb.serving import serve_command, latest_bento
+    from mlnb.serving import serve_command, latest_bento, bento_settings
     cfg = _cfg(ctx)
-    cmd, env = serve_command(cfg, tag or latest_bento(cfg), host, port)
+    from mlnb import audit
+    tag = tag or latest_bento(cfg)
+    cmd, env = serve_command(cfg, tag, host, port)
+    s = bento_settings(cfg, tag) or {}
+    audit.record(cfg, "deploy.started", {"model": cfg.model_name, "version": s.get("version"), "bento": tag}, {"host": host, "port": port})
     click.echo(" ".join(cmd), err=True)
     os.execve(cmd[0], cmd, env)
 
@@ -349,3 +354,106 @@ def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
     if res.get("retrain"): text.append(f"retrained: run {res['retrain']['run_id']}, champion now v{res['retrain']['champion']}")
     _out(res, as_json, "\n".join(text))
     if res["alert"]: sys.exit(DRIFT_EXIT)
+
+# %% ../nbs/20_cli.ipynb #0019
+def _since(value: str | None) -> float | None:
+    if not value: return None
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+        try: return time.mktime(time.strptime(value, fmt))
+        except ValueError: pass
+    raise click.BadParameter(f"{value!r}: expected a date, YYYY-MM-DD or YYYY-MM-DD HH:MM:SS", param_hint="--since")
+
+def _refs(items) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it: raise click.BadParameter(f"{it!r}: expected NAME=VALUE, e.g. version=3 or run=20261127-101500-ab12", param_hint="--ref")
+        k, v = it.split("=", 1); out[k.strip()] = v.strip()
+    return out
+
+@main.group(invoke_without_command=True)
+@click.option("--kind", help="Only events of this kind (a prefix like `model` matches model.*).")
+@click.option("--ref", "refs", multiple=True, metavar="NAME=VALUE", help="Only events that reference this object (version=3, run=RUN, bento=TAG).")
+@click.option("--actor", help="Only events by this person.")
+@click.option("--since", help="Only events since this date (YYYY-MM-DD [HH:MM:SS]).")
+@click.option("-n", "--limit", type=click.IntRange(1), help="Only the newest N events.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx, kind, refs, actor, since, limit, as_json):
+    "The audit log: who did what, when, to which run, model or bento."
+    if ctx.invoked_subcommand: return
+    from mlnb.audit import events, _when
+    evs = events(_cfg(ctx), kind=kind, refs=_refs(refs), who=actor, since=_since(since), limit=limit)
+    lines = [f"{e['seq']:>6}  {_when(e['ts'])}  {e['actor']:<12} {e['kind']:<18} " + " ".join(f"{k}={v}" for k, v in e["refs"].items())
+             + (f"  {e['data']['why']}" if e["data"].get("why") else "") + (f"  {'; '.join(e['data']['reasons'])}" if e["data"].get("reasons") else "")
+             for e in evs]
+    _out(evs, as_json, "\n".join(lines) or "no audit events match")
+
+@audit.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit_verify(ctx, as_json):
+    "Check the audit log's hash chain; exit 1 naming every edited, moved or deleted event."
+    from mlnb.audit import verify
+    from mlnb.errors import MlnbError
+    rep = verify(_cfg(ctx))
+    text = [f"audit log {rep['path']}: {rep['events']} events, " + ("chain intact" if rep["ok"] else f"{len(rep['problems'])} problem(s):")]
+    text += [f"  {p['problem']}: {p['detail']}" for p in rep["problems"]]
+    _out(rep, as_json, "\n".join(text))
+    if not rep["ok"]: raise MlnbError(f"the audit log has been tampered with: " + "; ".join(p["detail"] for p in rep["problems"][:5]))
+
+@main.command()
+@click.argument("ref", metavar="REF")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def lineage(ctx, ref, as_json):
+    "Where REF came from: a request id, bento tag, alias or version -> pipeline run -> notebooks -> data -> commit."
+    from mlnb.audit import lineage as get_lineage, lineage_text
+    ln = get_lineage(_cfg(ctx), ref)
+    _out(ln, as_json, lineage_text(ln))
+
+@main.command()
+@click.argument("ref", default="champion", metavar="[VERSION|ALIAS]")
+@click.option("--html", "as_html", is_flag=True, help="The HTML card instead of Markdown.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Write it to this file.")
+@click.pass_context
+def card(ctx, ref, as_html, out):
+    "The model card of a version (default: the champion)."
+    from mlnb import tracking
+    from mlnb.errors import NotFound
+    cfg = _cfg(ctx)
+    info = tracking.model_version_info(cfg, ref[1:] if ref.lower().startswith("v") and ref[1:].isdigit() else ref)
+    text = tracking.version_artifact(cfg, info["version"], "model_card.html" if as_html else "model_card.md")
+    if text is None: raise NotFound(f"version {info['version']} has no model card; it was registered before cards existed, or outside the register stage")
+    if out: Path(out).write_text(text); click.echo(out)
+    else: click.echo(text)
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("-j", "--jobs", type=click.IntRange(1), help="Independent stages run at once.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def reproduce(ctx, run_id, jobs, as_json):
+    "Rerun RUN from its git commit, parameters and settings in a fresh folder; compare metrics and product digests."
+    from rich.console import Console
+    from mlnb.audit import reproduce as do_reproduce, reproduce_text
+    from mlnb.errors import MlnbError
+    rep = do_reproduce(_cfg(ctx), run_id, on_event=_progress(Console(stderr=True)), jobs=jobs)
+    _out(rep, as_json, reproduce_text(rep))
+    if not rep["matched"]: raise MlnbError(f"run {rep['run_id']} was not reproduced: " + "; ".join(rep["differences"][:5] or [rep.get("error") or "see the report"]))
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: .mlnb/reports).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def report(ctx, out, as_json):
+    "Delivery metrics: deployment frequency, lead time, change failure rate, drift incidents, accuracy over versions."
+    from mlnb.audit import write_delivery_report, _dur
+    res = write_delivery_report(_cfg(ctx), out)
+    m = res["metrics"]; d, inc = m["deployments"], m["incidents"]
+    text = [f"model {m['model']}: {d['count']} deployments ({d['promotions']} promotions, {d['rollbacks']} rollbacks; {d['per_week']:.2f} per week)",
+            f"  lead time (median) {_dur(m['lead_time']['median_s'])}; change failure rate "
+            + ("-" if m["change_failure_rate"] is None else f"{m['change_failure_rate']:.0%}"),
+            f"  drift incidents {inc['count']} ({inc['open']} open); mean time to resolve {_dur(inc['mean_time_to_resolve_s'])}",
+            "  accuracy: " + ", ".join(f"v{a['version']} {a['roc_auc']:.4f}" for a in m["accuracy"] if a["roc_auc"] is not None),
+            f"report: {res['paths']['html']}"]
+    _out(res, as_json, "\n".join(text))

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MlnbError', 'ConfigError', 'NotFound', 'PipelineError', 'TrackingError', 'ValidationError', 'GateFailed',
-           'StageFailed', 'StageTimeout']
+           'PolicyRefused', 'StageFailed', 'StageTimeout']
 
 # %% ../nbs/00_errors.ipynb #0004
 class MlnbError(Exception):
@@ -28,6 +28,9 @@ class ValidationError(MlnbError, ValueError):
 
 class GateFailed(MlnbError):
     "A candidate model failed one or more gates."
+
+class PolicyRefused(MlnbError):
+    "The project's policy (`policy_*` in settings.ini) refused a promotion or rollback; the refusal is audited."
 
 # %% ../nbs/00_errors.ipynb #0006
 class StageFailed(MlnbError):

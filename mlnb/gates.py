@@ -7,11 +7,12 @@ from __future__ import annotations
 import json, time
 from dataclasses import dataclass, asdict
 from .config import Config
-from .errors import GateFailed, ConfigError, NotFound
+from .errors import GateFailed, ConfigError, NotFound, PolicyRefused
 
 # %% auto #0
-__all__ = ['GateResult', 'gate_limits', 'fairness', 'latency_p95_ms', 'model_mb', 'check_gates', 'compare_to_champion',
-           'raise_for_gates', 'decide_promotion', 'promote_version']
+__all__ = ['GATE_NAMES', 'GateResult', 'gate_limits', 'fairness', 'latency_p95_ms', 'model_mb', 'check_gates',
+           'compare_to_champion', 'raise_for_gates', 'promotion_policy', 'policy_violations', 'refuse',
+           'check_promoter', 'decide_promotion', 'promote_version', 'rollback_champion']
 
 # %% ../nbs/08_gates.ipynb #0005
 @dataclass
@@ -114,15 +115,61 @@ def raise_for_gates(report: dict):
     if failed: raise GateFailed(f"{len(failed)} gate(s) failed, promotion blocked: " + "; ".join(g["reason"] for g in failed))
 
 # %% ../nbs/08_gates.ipynb #0013
+GATE_NAMES = ("min_roc_auc", "min_pr_auc", "no_regression", "fairness_demographic_parity", "fairness_equalized_odds", "max_p95_latency", "max_model_size")
+
+def _bool(cfg: Config, key: str, default: str = "false") -> bool:
+    v = str(cfg.get(key, default)).strip().lower()
+    if v in ("true", "1", "yes", "on"): return True
+    if v in ("false", "0", "no", "off", ""): return False
+    raise ConfigError(f"{key} = {v!r}; accepted: true, false")
+
+def promotion_policy(cfg: Config) -> dict:
+    "The `policy_*` settings, checked."
+    req = [g.strip() for g in str(cfg.get("policy_required_gates", "") or "").split(",") if g.strip()]
+    unknown = [g for g in req if g not in GATE_NAMES]
+    if unknown: raise ConfigError(f"policy_required_gates names unknown gate(s) {', '.join(unknown)}; gates: {', '.join(GATE_NAMES)}")
+    promoters = [p.strip() for p in str(cfg.get("policy_promoters", "*") or "*").split(",") if p.strip()]
+    return {"required_gates": req, "promoters": promoters, "champion_clean_git": _bool(cfg, "policy_champion_clean_git")}
+
+def policy_violations(cfg: Config, gates: list, git: dict, has_champion: bool = True) -> list:
+    "Why a version with these gate results, trained from this git state, may not be champion (empty: it may)."
+    pol, by, out = promotion_policy(cfg), {g["gate"]: g for g in gates}, []
+    for g in pol["required_gates"]:
+        if g == "no_regression" and not has_champion: continue  # nothing to regress against yet
+        if g not in by: out.append(f"required gate {g} was not run (policy_required_gates; give it a limit in settings.ini)")
+        elif not by[g]["passed"]: out.append(f"required gate {g} failed: {by[g]['reason']}")
+    if pol["champion_clean_git"]:
+        commit, dirty = git.get("commit") or None, str(git.get("dirty")).lower()
+        if not commit: out.append("a champion must come from a committed git tree (policy_champion_clean_git = true), and its run recorded no git commit")
+        elif dirty == "true": out.append(f"a champion must come from a clean git tree (policy_champion_clean_git = true); it was trained from commit {commit[:12]} with uncommitted changes")
+    return out
+
+def refuse(cfg: Config, action: str, version, reasons: list, error=PolicyRefused):
+    "Audit a refused action, then raise `error` with its reasons."
+    from mlnb import audit
+    audit.record(cfg, "policy.refused", {"model": cfg.model_name, "version": version}, {"action": action, "reasons": reasons})
+    raise error(f"{action}{'' if version is None else f' of version {version}'} refused: " + "; ".join(reasons))
+
+def check_promoter(cfg: Config, action: str, version=None):
+    "Refuse (and audit) a change of the champion by hand from someone not on `policy_promoters`."
+    from mlnb.audit import actor
+    allowed, who = promotion_policy(cfg)["promoters"], actor()
+    if "*" not in allowed and who not in allowed:
+        refuse(cfg, action, version, [f"{who} may not {action} by hand; allowed: {', '.join(allowed)} (policy_promoters in settings.ini)"])
+
+# %% ../nbs/08_gates.ipynb #0016
 def _record_gates(cfg: Config, version: int, gates: list, passed: bool):
     from mlnb.tracking import _client
     with _client(cfg) as client:
         client.set_model_version_tag(cfg.model_name, str(version), "mlnb.gates.passed", str(passed).lower())
         client.set_model_version_tag(cfg.model_name, str(version), "mlnb.gates", json.dumps(gates)[:5000])
 
+def _git_of(tags: dict) -> dict:
+    return {"commit": tags.get("mlnb.git.commit") or None, "dirty": tags.get("mlnb.git.dirty")}
+
 def decide_promotion(cfg: Config, version: int, model, holdout, features: list, target: str, report: dict) -> dict:
     "Compare with the champion, record every gate on the version, and promote or alias it by the `promotion` policy."
-    from mlnb import tracking
+    from mlnb import tracking, audit
     limits, gates = gate_limits(cfg), list(report["gates"])
     policy = cfg.get("promotion", "manual")
     if policy not in ("auto", "manual"): raise ConfigError(f"promotion = {policy!r}; accepted: auto, manual")
@@ -131,16 +178,29 @@ def decide_promotion(cfg: Config, version: int, model, holdout, features: list, 
         gates.append(compare_to_champion(model, champion, holdout, features, target, limits["max_regression"]))
     passed = all(g["passed"] for g in gates)
     _record_gates(cfg, version, gates, passed)
-    decision = {"version": int(version), "policy": policy, "passed": passed, "gates": gates, "action": "blocked"}
+    info = tracking.model_version_info(cfg, str(version))
+    decision = {"version": int(version), "policy": policy, "passed": passed, "gates": gates, "action": "blocked",
+                "fairness": report.get("fairness"), "policy_refusals": []}
     if passed:
         alias = "champion" if policy == "auto" else "challenger"
-        decision["event"] = tracking.set_alias(cfg, alias, version, f"all {len(gates)} gates passed ({policy} promotion)", kind="promote" if alias == "champion" else "set")
+        if alias == "champion":
+            reasons = policy_violations(cfg, gates, _git_of(info["tags"]), has_champion=champion is not None)
+            if reasons:
+                audit.record(cfg, "policy.refused", {"model": cfg.model_name, "version": version}, {"action": "automatic promotion", "reasons": reasons})
+                alias, decision["policy_refusals"] = "challenger", reasons
+        why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
+        decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")
         decision["action"] = "promoted" if alias == "champion" else "challenger"
+    audit.record(cfg, "gate.decision", {"model": cfg.model_name, "version": version, "run": info["tags"].get("mlnb.run_id")},
+                 {"passed": passed, "action": decision["action"], "failed": [g["reason"] for g in gates if not g["passed"]],
+                  "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates},
+                  "policy_refusals": decision["policy_refusals"]})
     return decision
 
 def promote_version(cfg: Config, version, reason: str, holdout=None, features=None, target=None) -> dict:
-    "Make `version` the champion by hand; refused unless its recorded gates passed and it does not regress."
+    "Make `version` the champion by hand; refused unless the policy allows it, its gates passed and it does not regress."
     from mlnb import tracking
+    check_promoter(cfg, "promote", version)
     versions = {v["version"]: v for v in tracking.list_versions(cfg)}
     try: v = versions[int(version)]
     except (KeyError, ValueError):
@@ -149,11 +209,20 @@ def promote_version(cfg: Config, version, reason: str, holdout=None, features=No
     gates = json.loads(v["tags"].get("mlnb.gates", "[]"))
     if v["tags"].get("mlnb.gates.passed") != "true":
         failed = [g["reason"] for g in gates if not g["passed"]] or ["no gate results recorded for this version"]
-        raise GateFailed(f"version {version} cannot be promoted: " + "; ".join(failed))
+        refuse(cfg, "promotion", version, failed, GateFailed)
+    has_champion = any("champion" in x["aliases"] for x in versions.values())
+    reasons = policy_violations(cfg, gates, _git_of(v["tags"]), has_champion)
+    if reasons: refuse(cfg, "promotion", version, reasons)
     limits = gate_limits(cfg)
     if holdout is not None and "max_regression" in limits:
         champion = tracking.load_model(cfg, "champion")
         if champion is not None:
             r = compare_to_champion(tracking.load_model(cfg, str(version)), champion, holdout, features, target, limits["max_regression"])
-            if not r["passed"]: raise GateFailed(f"version {version} cannot be promoted: {r['reason']}")
+            if not r["passed"]: refuse(cfg, "promotion", version, [r["reason"]], GateFailed)
     return tracking.set_alias(cfg, "champion", version, reason, kind="promote")
+
+def rollback_champion(cfg: Config, reason: str) -> dict:
+    "Move the champion back to the one before it, if the policy lets this person do it."
+    from mlnb import tracking
+    check_promoter(cfg, "roll back")
+    return tracking.rollback(cfg, reason)

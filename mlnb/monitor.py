@@ -227,7 +227,9 @@ def load_window(cfg: Config, version: int, data=None, log_dir=None, window: int 
     return df.sort_values("ts").tail(window).reset_index(drop=True)
 
 def _incidents(cfg: Config, alert: bool, version: int, report: dict) -> dict | None:
+    "Open an incident on an alert (unless one is open), close open ones on a calm check of a newer champion; audit both."
     import fcntl
+    from mlnb import audit
     path = cfg.state / "incidents.json"
     cfg.state.mkdir(parents=True, exist_ok=True)
     with open(cfg.state / "incidents.lock", "a+") as lock:
@@ -239,10 +241,14 @@ def _incidents(cfg: Config, alert: bool, version: int, report: dict) -> dict | N
             changed = {"id": len(items) + 1, "status": "open", "opened": time.time(), "model_version": version,
                        "drifted_columns": report["drifted_columns"], "closed": None, "closed_by_version": None}
             items.append(changed)
+            audit.record(cfg, "incident.opened", {"model": cfg.model_name, "version": version, "incident": changed["id"]},
+                         {"drifted_columns": changed["drifted_columns"], "degraded": bool((report.get("performance") or {}).get("degraded"))})
         elif not alert:
             for i in open_:
                 if version > i["model_version"]:
                     i.update(status="closed", closed=time.time(), closed_by_version=version); changed = i
+                    audit.record(cfg, "incident.closed", {"model": cfg.model_name, "version": version, "incident": i["id"]},
+                                 {"opened": i["opened"], "opened_on_version": i["model_version"], "time_to_resolve_s": i["closed"] - i["opened"]})
         elif open_: changed = open_[0]
         path.write_text(json.dumps(items, indent=1))
     return changed
@@ -262,8 +268,16 @@ def retrain_on_window(cfg: Config, current, labels, target: str) -> dict:
     (cfg.root / rel).parent.mkdir(parents=True, exist_ok=True)
     feats = [c for c in current.columns if c in j.columns and c not in ("ts", "model_version", "variant", "score", "prediction", "tx_id")]
     j[["tx_id", *[c for c in feats if c != "tx_id"], target]].to_parquet(cfg.root / rel, index=False)
-    rec = run_pipeline(cfg, RunOptions(overrides=[f"source={rel}"]))
-    return {"run_id": rec["run_id"], "data": str(rel), "rows": len(j), "champion": tracking.model_version_info(cfg, "champion")["version"]}
+    from mlnb import audit
+    audit.record(cfg, "retrain.started", {"model": cfg.model_name}, {"data": str(rel), "rows": len(j)})
+    try: rec = run_pipeline(cfg, RunOptions(overrides=[f"source={rel}"]))
+    except Exception as e:
+        audit.record(cfg, "retrain.finished", {"model": cfg.model_name}, {"data": str(rel), "status": "failed", "error": str(e)[:2000]})
+        raise
+    champion = tracking.model_version_info(cfg, "champion")["version"]
+    audit.record(cfg, "retrain.finished", {"model": cfg.model_name, "run": rec["run_id"], "version": champion},
+                 {"data": str(rel), "status": rec["status"], "champion": champion})
+    return {"run_id": rec["run_id"], "data": str(rel), "rows": len(j), "champion": champion}
 
 def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, labels=None, out=None, retrain: bool = False) -> dict:
     "Judge the champion's traffic; write and log the report; track incidents; retrain if asked and needed."
@@ -300,6 +314,11 @@ def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, lab
                **{f"psi.{c['column']}": c["psi"] for c in rep["columns"]}}
     if rep.get("performance"): metrics.update({f"live_{k}": v for k, v in rep["performance"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     run_id = tracking.log_monitoring(cfg, version, metrics, [paths["html"], paths["json"]])
+    from mlnb import audit
+    audit.record(cfg, "drift.alert" if alert else "monitor.checked", {"model": cfg.model_name, "version": version, "mlflow_run": run_id},
+                 {"dataset_drift": rep["dataset_drift"], "drifted_columns": rep["drifted_columns"], "prediction_drift": pred_drift,
+                  "degraded": bool((rep.get("performance") or {}).get("degraded")), "report": paths["html"],
+                  "live_roc_auc": (rep.get("performance") or {}).get("roc_auc")})
     res = {"report": rep, "paths": paths, "alert": alert, "mlflow_run_id": run_id, "incident": _incidents(cfg, alert, version, rep)}
     if alert and retrain:
         if lab is None: raise ConfigError("--retrain needs --labels: the new training data is the labelled window")

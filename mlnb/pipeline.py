@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pipeline.ipynb #0002
 from __future__ import annotations
-import ast, getpass, graphlib, hashlib, json, os, platform, queue, secrets, shutil, subprocess, sys, threading, time
+import ast, graphlib, hashlib, json, os, platform, queue, secrets, shutil, subprocess, sys, threading, time
 from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ class Stage:
     code: tuple = ()
     inputs: tuple = ()  # files (relative to the project folder) whose content enters the cache key
     settings: tuple = ()  # `[mlnb]` keys (glob patterns) whose values, after `MLNB_*` overrides, enter the cache key
+    deterministic: bool = True  # False: reruns may make different bytes (timings, registry state); `mlnb reproduce` expects that
 
     @property
     def code_digest(self) -> str:
@@ -74,9 +75,12 @@ def read_stage(path: Path | str) -> Stage:
     settings = params.pop("settings", [])
     if not isinstance(settings, (list, tuple)) or not all(isinstance(u, str) for u in settings):
         raise PipelineError(f"{path.name}: settings = {settings!r} must be a list of settings.ini keys, e.g. settings = ['gate_*']")
+    deterministic = params.pop("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise PipelineError(f"{path.name}: deterministic = {deterministic!r} must be True or False")
     code = tuple(_src(c) for c in cells if c.get("cell_type") == "code"
                  and "injected-parameters" not in c.get("metadata", {}).get("tags", []))
-    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings))
+    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings), deterministic)
 
 # %% ../nbs/05_pipeline.ipynb #0007
 @dataclass
@@ -163,7 +167,7 @@ def resolve_params(pipeline: Pipeline, overrides: list[str] | None = None) -> di
         key, raw = item.split("=", 1)
         key = key.strip()
         stage, _, name = key.rpartition(".")
-        if name in ("upstream", "inputs", "settings"): raise ConfigError(f"-p {key}: {name} is part of the graph, not a parameter; edit the notebook")
+        if name in ("upstream", "inputs", "settings", "deterministic"): raise ConfigError(f"-p {key}: {name} is part of the graph, not a parameter; edit the notebook")
         targets = [pipeline.stage(stage).name] if stage else [n for n, ps in params.items() if name in ps]
         if not targets or name not in params[targets[0]]:
             known = ", ".join(f"{n}.{k}" for n, ps in params.items() for k in ps) or "(none)"
@@ -416,8 +420,11 @@ class _Run:
         done_before = {n for n, s in (prev or {}).get("stages", {}).items() if s["status"] in ("done", "cached")}
         self.forced = set(self.selected) - done_before if (opts.force or opts.only or opts.start) else set()
         from mlnb import __version__
+        from mlnb.audit import actor
+        from dataclasses import asdict
         self.rec = prev or {"run_id": self.run_id, "project": str(cfg.root), "pipeline": str(pipeline.folder),
-                            "user": os.environ.get("MLNB_ACTOR") or getpass.getuser(), "mlnb_version": __version__}
+                            "user": actor(), "mlnb_version": __version__}
+        self.rec["settings"] = {**{k: v for k, v in asdict(cfg).items() if k not in ("root", "extra")}, **cfg.extra}
         self.rec.update(pid=os.getpid(), host=platform.node())
         self.rec.update(status="running", started=prev["started"] if prev else time.time(), ended=None, rev=(prev or {}).get("rev", 0),
                         options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force},
@@ -481,6 +488,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 ) -> dict:
     "Run the pipeline of `cfg`; returns the run record. Raises `StageFailed` if a stage failed."
     from mlnb.tracking import check_tracking, spawn_sync
+    from mlnb import audit
     opts = opts or RunOptions()
     check_tracking(cfg.tracking_uri)
     pipeline = discover(cfg.pipeline_dir)
@@ -491,6 +499,8 @@ def run_pipeline(cfg: Config,                       # the project's settings
     pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, budget=len(run.selected))
     digests, entries, failed = {}, {}, []
     stop = threading.Event()
+    audit.record(cfg, "run.started", {"run": run.run_id}, {"options": run.rec["options"], "git": run.rec["git"], "resumed": run.rec["resumed"],
+                                                          "stages": run.selected})
     follower = spawn_sync(cfg, run.dir) if sync_tracking is not False else None
     warmed = False
     status = "failed"
@@ -514,7 +524,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
         tmp = cfg.state / "cache" / n / f".tmp-{run.run_id}-{secrets.token_hex(3)}"
         tmp.mkdir(parents=True)
         nb = run.dir / "notebooks" / f"{n}.ipynb"
-        ctx = {"stage": n, "run_id": run.run_id, "run_dir": str(run.dir), "out_dir": str(tmp), "project": str(cfg.root),
+        ctx = {"stage": n, "run_id": run.run_id, "run_dir": str(run.dir), "out_dir": str(tmp), "project": str(cfg.root), "git": run.rec["git"],
                "upstream": {u: str(entries[u]) for u in stage.upstream}, "tracking_uri": cfg.tracking_uri,
                "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False}
         if stop.is_set(): raise KeyboardInterrupt
@@ -538,6 +548,8 @@ def run_pipeline(cfg: Config,                       # the project's settings
         run.set(n, status=status, key=key, entry=str(entry), products=man["products"], error=None,
                 duration=(time.time() - started) if started else man["duration"],
                 **({"started": time.time(), "source_run": man["run_id"]} if status != "done" else {}))
+        audit.record(cfg, "stage.finished", {"run": run.run_id, "stage": n}, {"status": status, "key": key, "source_run": man["run_id"],
+                     "notebook": str(run.dir / "notebooks" / f"{n}.ipynb"), "products": {p: m["sha256"] for p, m in man["products"].items()}})
 
     running: dict = {}
     queued: list = []
@@ -577,6 +589,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 except StageFailed as e:
                     failed.append(e)
                     run.set(n, status="failed", error=str(e), cell=e.cell, duration=time.time() - run.rec["stages"][n].get("started", time.time()))
+                    audit.record(cfg, "stage.finished", {"run": run.run_id, "stage": n}, {"status": "failed", "key": key, "error": str(e), "notebook": e.notebook})
         status = "failed" if failed else "done"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -595,6 +608,8 @@ def run_pipeline(cfg: Config,                       # the project's settings
         run.rec.update(status=status, ended=time.time(), duration=time.time() - run.rec["started"],
                        data_digest=hashlib.sha256("".join(digests[n] for n in sources).encode()).hexdigest() if sources else None)
         run.save()
+        audit.record(cfg, "run.finished", {"run": run.run_id}, {"status": status, "data_digest": run.rec["data_digest"], "git": run.rec["git"],
+                     "duration": run.rec["duration"], "stages": {n: s["status"] for n, s in run.rec["stages"].items()}})
         run.on_event({"run_id": run.run_id, "status": status, "run_dir": str(run.dir)})
     executed = any(s["status"] in ("done", "failed") for s in run.rec["stages"].values())
     if follower is not None and (sync_tracking or executed):

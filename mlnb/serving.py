@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'contract_fields', 'RequestChecker', 'BadRequest', 'PredictionLog', 'read_prediction_log', 'Models',
-           'Batcher', 'create_app', 'bento_home', 'build_bento', 'serve_command', 'latest_bento']
+           'Batcher', 'create_app', 'bento_home', 'build_bento', 'serve_command', 'bento_settings', 'latest_bento']
 
 # %% ../nbs/09_serving.ipynb #0002
 import json, os, random, shutil, threading, time, uuid, queue
@@ -148,11 +148,29 @@ class Models:
         aliases = read_aliases(self.settings["tracking_uri"], self.settings["model_name"])
         champ = aliases.get("champion")
         if champ is not None and champ != self.champion[0]:
+            old = self.champion[0]
             self.champion = (champ, self._load(champ))
             self.switches.append({"alias": "champion", "version": champ, "at": time.time()})
+            self._note_switch(old, champ)
         chal = aliases.get("challenger") if self.canary > 0 else None
         if chal is None or chal == self.champion[0]: self.challenger = None
         elif self.challenger is None or self.challenger[0] != chal: self.challenger = (chal, self._load(chal))
+
+    def _note_switch(self, old: int, new: int):
+        "Keep the new version's lineage for `/metadata`, and audit the switch (best effort: serving goes on regardless)."
+        from mlnb.tracking import version_tags
+        try:
+            t = version_tags(self.settings["tracking_uri"], self.settings["model_name"], new)
+            self.settings.setdefault("versions", {})[str(new)] = {
+                "pipeline_run_id": t.get("mlnb.run_id"), "parent_run_id": t.get("mlnb.parent_run_id"), "data_digest": t.get("mlnb.data_digest"),
+                "model_sha256": t.get("mlnb.model_sha256"), "git_commit": t.get("mlnb.git.commit")}
+        except Exception: pass
+        if self.settings.get("audit_log"):
+            try:
+                from mlnb import audit
+                audit.record(self.settings["audit_log"], "deploy.switched", {"model": self.settings["model_name"], "version": new, "bento": self.settings.get("bento")},
+                             {"from": old, "to": new, "pid": os.getpid()})
+            except Exception: pass
 
     def follow(self, interval: float):
         def loop():
@@ -169,6 +187,7 @@ def _settings() -> dict:
     path = Path(os.environ["MLNB_SERVING_SETTINGS"]) if os.environ.get("MLNB_SERVING_SETTINGS") else next((p for p in here if p.exists()), here[0])
     if not path.exists(): raise ConfigError(f"no serving settings ({SETTINGS_FILE}) in {path.parent}; build a bento with `mlnb build`")
     s = json.loads(path.read_text())
+    s["_dir"] = str(path.parent)
     for k in ("tracking_uri", "canary_share", "reload_interval", "prediction_log", "max_batch"):
         v = os.environ.get("MLNB_" + k.upper())
         if v is not None: s[k] = v
@@ -262,7 +281,18 @@ def create_app(settings: dict, model, version: int):
         lineage = settings.get("versions", {}).get(str(v), {}) if v != settings["version"] else settings["lineage"]
         return {"model": settings["model_name"], "version": v, "built_version": settings["version"], "bento": settings.get("bento"),
                 **lineage, "challenger": models.challenger[0] if models.challenger else None, "canary_share": models.canary,
-                "switches": models.switches, "batching": {"batches": batcher.batches, "rows": batcher.rows}, "fields": settings["fields"]}
+                "switches": models.switches, "batching": {"batches": batcher.batches, "rows": batcher.rows}, "fields": settings["fields"],
+                "model_card": "/card" if card.exists() else None,
+                "lineage": "every response carries x-request-id and x-model-version; `mlnb lineage REQUEST_ID` (or VERSION) "
+                           "follows them to the pipeline run, its executed notebooks, the data digest and the git commit"}
+
+    card = Path(settings.get("_dir") or ".") / "model_card.html"
+
+    @app.get("/card")
+    async def model_card():
+        from fastapi.responses import HTMLResponse
+        if not card.exists(): return JSONResponse({"error": "this bento was built without a model card"}, status_code=404)
+        return HTMLResponse(card.read_text())
 
     if settings.get("tracking_uri") and float(settings.get("reload_interval") or 0) > 0:
         models.follow(float(settings["reload_interval"]))
@@ -309,7 +339,7 @@ def _bentoml(cfg: Config):
 
 def build_bento(cfg: Config, ref: str = "champion") -> dict:
     "Build a bento serving version or alias `ref` of the project's model; returns its tag and settings."
-    from mlnb import tracking
+    from mlnb import tracking, audit
     globals().pop("Service", None)  # BentoML imports the service to build it: a service defined for an earlier build must not be reused
     info = tracking.model_version_info(cfg, ref)
     contract = tracking.version_artifact(cfg, info["version"], "contract.yaml")
@@ -333,14 +363,21 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
                             "trained_at": info["created"], "model_sha256": info["tags"].get("mlnb.model_sha256")}}
     bento_version = f"v{info['version']}-{time.strftime('%Y%m%d%H%M%S')}"
     settings["bento"] = f"{safe}:{bento_version}"
+    settings["audit_log"] = str(audit.log_path(cfg).resolve())
     (ctx / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    shipped = [SETTINGS_FILE]
+    for f in ("model_card.md", "model_card.html"):  # the version's card travels with it
+        text = tracking.version_artifact(cfg, info["version"], f)
+        if text: (ctx / f).write_text(text); shipped.append(f)
     globals().pop("Service", None)
     from importlib.metadata import version as v
     reqs = [f"{p}=={v(p)}" for p in ("bentoml", "mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pandera", "fastapi", "pydantic")]
-    bento = bentoml.bentos.build("mlnb.serving:Service", name=safe, version=bento_version, build_ctx=str(ctx), include=["mlnb/*.py", SETTINGS_FILE],
+    bento = bentoml.bentos.build("mlnb.serving:Service", name=safe, version=bento_version, build_ctx=str(ctx), include=["mlnb/*.py", *shipped],
                                  models=[str(bm.tag)], python={"packages": reqs, "lock_packages": False},
                                  labels={"mlnb.model": cfg.model_name, "mlnb.version": str(info["version"])})
-    return {"tag": str(bento.tag), "path": bento.path, "version": info["version"], "settings": settings}
+    audit.record(cfg, "bento.built", {"model": cfg.model_name, "version": info["version"], "bento": str(bento.tag)},
+                 {"files": shipped, "model_card": "model_card.md" in shipped})
+    return {"tag": str(bento.tag), "path": bento.path, "version": info["version"], "settings": settings, "model_card": "model_card.md" in shipped}
 
 def serve_command(cfg: Config, tag: str, host: str = "127.0.0.1", port: int = 3000) -> tuple:
     "The `bentoml serve` command line and environment that serve bento `tag`."
@@ -348,6 +385,14 @@ def serve_command(cfg: Config, tag: str, host: str = "127.0.0.1", port: int = 30
     env = {**os.environ, "BENTOML_HOME": str(bento_home(cfg)), "BENTOML_DO_NOT_TRACK": "true", "OMP_NUM_THREADS": "1"}
     bentoml_bin = Path(sys.executable).parent / "bentoml"
     return [str(bentoml_bin), "serve", tag, "--host", host, "--port", str(port)], env
+
+def bento_settings(cfg: Config, tag: str) -> dict | None:
+    "The `serving.json` of a bento in the project's store (`NAME:VERSION` or `NAME:latest`), or None; without importing bentoml."
+    name, _, version = tag.partition(":")
+    base = bento_home(cfg) / "bentos" / name
+    if version in ("", "latest") and (base / "latest").exists(): version = (base / "latest").read_text().strip()
+    path = base / version / "src" / SETTINGS_FILE
+    return json.loads(path.read_text()) if version and path.is_file() else None
 
 def latest_bento(cfg: Config) -> str:
     "The tag of the newest bento of the project's model."

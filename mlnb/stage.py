@@ -57,6 +57,37 @@ def file_digest(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
+def _canonical_skops(path: Path):
+    """Rewrite a skops file so that the same model gives the same bytes in any process.
+
+    skops names its array files and memo entries after `id(obj)` (memory addresses) and stamps zip entries with
+    the current time: the same model would get a new digest on every run, and everything downstream would rerun.
+    Renumbering both in order of appearance and fixing the timestamps keeps the file loadable and makes it a
+    function of the model alone."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        files = {i.filename: (z.read(i), i.compress_type) for i in z.infolist()}
+    ids, names = {}, {}
+    def walk(x):
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                if k == "__id__" and isinstance(v, int): out[k] = ids.setdefault(v, len(ids) + 1)
+                elif k == "file" and isinstance(v, str) and v in files:
+                    out[k] = names.setdefault(v, f"{len(names) + 1:06d}{Path(v).suffix}")
+                else: out[k] = walk(v)
+            return out
+        return [walk(v) for v in x] if isinstance(x, list) else x
+    schema = walk(json.loads(files["schema.json"][0]))
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w") as z:
+        def put(name, data, ctype):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)); info.compress_type = ctype
+            z.writestr(info, data)
+        put("schema.json", json.dumps(schema, indent=2), files["schema.json"][1])
+        for old, new in names.items(): put(new, files[old][0], files[old][1])
+    os.replace(tmp, path)
+
 def _is_estimator(obj) -> bool:
     return hasattr(obj, "fit") and hasattr(obj, "get_params")
 
@@ -75,7 +106,7 @@ def _write(obj, base: Path) -> tuple[str, str, dict]:
             path = base.with_suffix(".npy"); np.save(path, obj, allow_pickle=False); return path.name, "npy", {}
     if _is_estimator(obj):
         import skops.io as sio
-        path = base.with_suffix(".skops"); sio.dump(obj, path)
+        path = base.with_suffix(".skops"); sio.dump(obj, path); _canonical_skops(path)
         return path.name, "skops", {"trusted": sio.get_untrusted_types(file=path)}
     raise ConfigError(f"cannot save a {type(obj).__name__} as a product; accepted: a pandas DataFrame, a dict, "
                       "list or scalar (JSON), a NumPy array, a fitted scikit-learn estimator")

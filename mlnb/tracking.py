@@ -8,11 +8,13 @@ import contextlib, fcntl, json, os, subprocess, sys, time, urllib.error, urllib.
 from pathlib import Path
 from .config import Config, load_config
 from .errors import TrackingError, NotFound
+from .audit import actor, record as audit_record
 
 # %% auto #0
 __all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'register_model',
-           'actor', 'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
-           'version_artifact', 'log_monitoring', 'load_model_path', 'read_aliases', 'model_version_info']
+           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
+           'version_artifact', 'log_version_artifacts', 'log_monitoring', 'load_model_path', 'read_aliases',
+           'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -227,10 +229,14 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
                 else: mlflow.log_text(content, fname)
         try: client.get_registered_model(name)
         except Exception: client.create_registered_model(name)
-        mv_tags = {"mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"], **(tags or {})}
+        git = ctx.get("git") or {}
+        mv_tags = {"mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"],
+                   "mlnb.git.commit": git.get("commit") or "", "mlnb.git.dirty": str(git.get("dirty")).lower(), **(tags or {})}
         if digest: mv_tags["mlnb.model_sha256"] = digest
         mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags={k: str(v) for k, v in mv_tags.items()})
         client.set_terminated(run_id)
+        audit_record(cfg, "model.registered", {"model": name, "version": mv.version, "run": ctx.get("run_id") or "interactive", "mlflow_run": run_id},
+                     {"model_sha256": digest, "git": git})
     out = {"name": name, "version": int(mv.version), "run_id": run_id, "model_uri": f"models:/{name}/{mv.version}",
            "logged_model_uri": info.model_uri, "reused": False}
     od = Path(ctx["out_dir"]); od.mkdir(parents=True, exist_ok=True)
@@ -240,11 +246,6 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
 
 # %% ../nbs/04_tracking.ipynb #0017
 HISTORY = "mlnb.alias_history."
-
-def actor() -> str:
-    "Who is acting: `MLNB_ACTOR`, else the OS user."
-    import getpass
-    return os.environ.get("MLNB_ACTOR") or getpass.getuser()
 
 def _registered(client, name: str):
     from mlflow.exceptions import MlflowException
@@ -278,6 +279,9 @@ def set_alias(cfg: Config, alias: str, version, reason: str, kind: str = "set", 
                  "who": actor(), "when": time.time(), "why": reason}
         client.set_registered_model_alias(name, alias, str(version))
         client.set_registered_model_tag(name, f"{HISTORY}{seq:06d}", json.dumps(event))
+        kind = {"promote": "model.promoted", "rollback": "model.rolled_back"}.get(kind, "model.alias_set")
+        audit_record(cfg, kind, {"model": name, "version": version, "alias": alias},
+                     {"from": event["from"], "to": version, "why": reason, "history_seq": seq})
     return event
 
 def _champion_line(history: list) -> list:
@@ -336,6 +340,16 @@ def version_artifact(cfg: Config, version, path: str, name: str | None = None) -
     local = version_artifact_path(cfg, version, path, name)
     return local.read_text() if local else None
 
+def log_version_artifacts(cfg: Config, version, files: dict, name: str | None = None):
+    "Log `{file name: text}` beside a version's model (in its MLflow run), e.g. its model card."
+    import tempfile
+    name = name or cfg.model_name
+    with _client(cfg) as client, tempfile.TemporaryDirectory() as tmp:
+        mv = client.get_model_version(name, str(version))
+        for fname, text in files.items():
+            (Path(tmp) / fname).write_text(text)
+            client.log_artifact(mv.run_id, str(Path(tmp) / fname))
+
 def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: dict | None = None) -> str:
     "Record a monitoring check as a run of the experiment `<experiment>-monitoring`, tagged with the model version."
     with _client(cfg) as client:
@@ -366,6 +380,11 @@ def read_aliases(tracking_uri: str, name: str) -> dict:
     try: rm = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_registered_model(name)
     except MlflowException as e: raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: {str(e).splitlines()[0]}") from e
     return {a: int(v) for a, v in rm.aliases.items()}
+
+def version_tags(tracking_uri: str, name: str, version) -> dict:
+    "The tags of one version, read straight from the store (the service uses this for `/metadata`)."
+    import mlflow
+    return dict(mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_model_version(name, str(version)).tags)
 
 def model_version_info(cfg: Config, ref: str, name: str | None = None) -> dict:
     "Version number, run ids, tags and creation time of a version or alias."

@@ -1,5 +1,5 @@
 "Shared fixtures: throwaway mlnb projects with real kernels and a real MLflow SQLite store in a temporary folder."
-import json, os, subprocess, sys, textwrap
+import json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
 
@@ -18,6 +18,23 @@ def run_mlnb(project, *args, timeout=300, env=None, check=None):
     if check is not None:
         assert p.returncode == check, f"exit {p.returncode} (wanted {check})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p
+
+
+GIT = ["git", "-c", "user.name=mlnb tests", "-c", "user.email=tests@mlnb.invalid", "-c", "commit.gpgsign=false"]
+
+
+def git(project, *args):
+    return subprocess.run([*GIT, *args], cwd=project, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def reference_project(d):
+    "A copy of this repository's ML project (settings and reference pipeline) in `d`, committed to its own git repository."
+    d = Path(d); d.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
+    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    (d / ".gitignore").write_text(".mlnb/\n")
+    git(d, "init", "-q"); git(d, "add", "-A"); git(d, "commit", "-qm", "reference project")
+    return d
 
 
 def run_json(project, *args, **kw):

@@ -4,7 +4,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import MLNB, ROOT, run_json, run_mlnb
+from conftest import reference_project, MLNB, ROOT, run_json, run_mlnb
 
 from mlnb.data import generate_transactions, FEATURES, CATEGORICAL
 from mlnb.errors import ValidationError
@@ -63,8 +63,7 @@ def free_port():
 
 def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
     d = tmp_path / "proj"; d.mkdir()
-    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
-    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    reference_project(d)
     run_json(d, "run", "--jobs", "2", timeout=600)
     built = run_json(d, "build", timeout=300)
     port = free_port()
@@ -104,6 +103,22 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
         res = json.loads(p.stdout)
         assert res["report"]["model_version"] == 2 and res["alert"] is False
         assert res["incident"]["status"] == "closed" and res["incident"]["closed_by_version"] == 2
+        # the delivery report, from the audit log and the registry
+        rep = run_json(d, "report")
+        m = rep["metrics"]
+        assert m["deployments"]["promotions"] == 2 and m["deployments"]["rollbacks"] == 0 and m["change_failure_rate"] == 0
+        first, second = m["deployments"]["list"]
+        assert first["change"].startswith("commit ") and first["lead_time_s"] > 0  # v1: from the project's first commit
+        assert second["change"] == "new data or parameters (same code)" and 0 < second["lead_time_s"] < 900  # v2: the retraining run
+        assert m["incidents"]["count"] == 1 and m["incidents"]["open"] == 0 and m["incidents"]["mean_time_to_resolve_s"] > 0
+        assert [a["version"] for a in m["accuracy"]] == [1, 2] and all(a["roc_auc"] > 0.5 for a in m["accuracy"])
+        assert m["accuracy"][0]["live_roc_auc"] is not None  # the labelled check of v1's drifted traffic
+        page = Path(rep["paths"]["html"]).read_text()
+        assert page.count("<svg") == 4 and "change failure rate" in page
+        kinds = {e["kind"] for e in run_json(d, "audit")}
+        assert {"run.finished", "stage.finished", "gate.decision", "model.promoted", "bento.built", "deploy.started", "deploy.switched",
+                "monitor.checked", "drift.alert", "incident.opened", "retrain.started", "retrain.finished", "incident.closed"} <= kinds, kinds
+        assert run_mlnb(d, "audit", "verify", check=0).stdout.rstrip().endswith("chain intact")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try: proc.wait(timeout=30)

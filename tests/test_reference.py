@@ -2,7 +2,7 @@
 import json, shutil
 from pathlib import Path
 import pytest
-from conftest import ROOT, run_json, run_mlnb, statuses
+from conftest import reference_project, ROOT, run_json, run_mlnb, statuses
 
 STAGES = {"ingest", "validate", "features", "train", "evaluate", "gate", "register"}
 
@@ -10,8 +10,7 @@ STAGES = {"ingest", "validate", "features", "train", "evaluate", "gate", "regist
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("reference")
-    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
-    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    reference_project(d)
     first = run_json(d, "run", "--jobs", "2", timeout=600)
     return d, first
 
@@ -71,3 +70,40 @@ def test_validate_stage_names_each_broken_check(reference):
     d, _ = reference
     p = run_mlnb(d, "run", "-p", "n_rows=500", check=1)
     assert "stage 'validate' failed" in p.stderr and "ValidationError" in p.stderr and "500 rows, need at least 1000" in p.stderr
+
+
+def test_model_card_for_the_version(reference):
+    d, rec = reference
+    card = run_mlnb(d, "card", "1", check=0).stdout
+    assert card.startswith("# Card-fraud detector") and "## Intended use" in card and "## Version 1" in card
+    assert rec["run_id"] in card and rec["git"]["commit"] in card
+    for section in ("## Training data", "## Metrics (holdout)", "## Gates", "## Fairness by `age_band`", "## How it was made", "## Limitations the numbers show"):
+        assert section in card, section
+    assert sum(line.startswith(("| 18-25", "| 26-40", "| 41-60", "| 60+")) for line in card.splitlines()) == 4
+    html = run_mlnb(d, "card", "1", "--html", check=0).stdout
+    assert html.startswith("<!doctype html>") and "<td>min_roc_auc</td>" in html
+    p = run_mlnb(d, "card", "7", check=1)
+    assert "model 'fraud-detector' has no version '7'" in p.stderr
+
+
+def test_every_stage_result_is_audited(reference):
+    d, rec = reference
+    evs = run_json(d, "audit", "--ref", f"run={rec['run_id']}")
+    kinds = [e["kind"] for e in evs]
+    assert kinds[0] == "run.started" and kinds[-1] == "run.finished" and kinds.count("stage.finished") == 7
+    assert {e["refs"]["stage"]: e["data"]["status"] for e in evs if e["kind"] == "stage.finished"} == {s: "done" for s in STAGES}
+    assert "model.registered" in kinds and "gate.decision" in kinds and "model.promoted" in kinds
+    decision = next(e for e in evs if e["kind"] == "gate.decision")
+    assert decision["data"]["passed"] and decision["data"]["action"] == "promoted" and "fairness_equalized_odds" in decision["data"]["gates"]
+
+
+def test_reproduce_the_reference_run(reference):
+    d, rec = reference
+    p = run_mlnb(d, "reproduce", rec["run_id"], "--json", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    rep = json.loads(p.stdout)
+    by = {s["stage"]: s for s in rep["stages"]}
+    for name in ("ingest", "validate", "features", "train", "evaluate"):  # the model's bytes too: skops files are canonical
+        assert by[name]["equal"] and by[name]["key_equal"], by[name]
+    assert not by["gate"]["deterministic"] and not by["register"]["deterministic"]
+    assert rep["data_digest"]["equal"] and rep["source"] == {"from": "git", "commit": rec["git"]["commit"], "dirty": False}

@@ -2,7 +2,7 @@
 import json, shutil
 from pathlib import Path
 import pytest
-from conftest import ROOT, run_json, run_mlnb, statuses
+from conftest import git, reference_project, ROOT, run_json, run_mlnb, statuses
 
 SMALL: list = []  # the full reference data: fairness gates need enough positives per group
 
@@ -10,8 +10,7 @@ SMALL: list = []  # the full reference data: fairness gates need enough positive
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     d = tmp_path_factory.mktemp("registry")
-    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
-    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    reference_project(d)
     return d
 
 
@@ -67,7 +66,7 @@ def test_failed_gates_block_promotion_with_one_reason_each(project):
     assert {v: a for v, a in aliases(project).items() if v in before} == before, "the champion did not move"
     # a manual promotion of the failed candidate is refused, naming the failed gates
     p = run_mlnb(project, "promote", str(new["version"]), "-m", "ship it", check=1)
-    assert f"version {new['version']} cannot be promoted: min_roc_auc FAILED" in p.stderr
+    assert f"promotion of version {new['version']} refused: min_roc_auc FAILED" in p.stderr
     # rerunning the same failing candidate does not register it twice
     run_mlnb(project, "run", *SMALL, "-p", "max_iter=20", env={"MLNB_GATE_MIN_ROC_AUC": "0.999", "MLNB_GATE_MAX_DEMOGRAPHIC_PARITY_DIFFERENCE": "0.0001"}, timeout=600, check=1)
     assert len(models(project)["versions"]) == len(after)
@@ -100,3 +99,38 @@ def test_validate_stage_reports_contract_violations(project):
         assert "stage 'validate' failed" in err and "channel: isin(" in err and "row(s) (e.g. online)" in err
     finally:
         nb.write_text(original)
+
+
+def test_policy_refusals_are_explained_and_audited(project):
+    champion = next(v for v, a in aliases(project).items() if "champion" in a)
+    # who may change the champion by hand
+    allow = {"MLNB_POLICY_PROMOTERS": "alice, bob"}
+    p = run_mlnb(project, "rollback", "-m", "I think v1 was better", env={**allow, "MLNB_ACTOR": "mallory"}, check=1)
+    assert "mlnb: error: roll back refused: mallory may not roll back by hand; allowed: alice, bob (policy_promoters in settings.ini)" in p.stderr
+    # a champion must come from a clean git tree: a candidate trained with uncommitted changes stays challenger
+    nb = project / "nbs/pipeline/train.ipynb"
+    original = nb.read_text()
+    nb.write_text(original.replace("random_state=seed", "random_state=seed + 1"))
+    try:
+        rec = run_json(project, "run", env={"MLNB_ACTOR": "carol"}, timeout=600)
+    finally:
+        nb.write_text(original)
+    decision = json.loads((Path(rec["stages"]["register"]["entry"]) / "promotion.json").read_text())
+    assert rec["git"]["dirty"] is True and decision["passed"] and decision["action"] == "challenger"
+    assert "a champion must come from a clean git tree (policy_champion_clean_git = true); it was trained from commit" in decision["policy_refusals"][0]
+    new = decision["version"]
+    assert aliases(project)[new] == ["challenger"] and aliases(project)[champion] == ["champion"]
+    # and it cannot be promoted by hand either, not even by someone who may promote
+    p = run_mlnb(project, "promote", str(new), "-m", "looks fine", env={**allow, "MLNB_ACTOR": "alice"}, check=1)
+    assert f"promotion of version {new} refused: a champion must come from a clean git tree" in p.stderr
+    assert "uncommitted changes" in run_mlnb(project, "card", str(new), check=0).stdout  # the card says so too
+    # every refusal is in the audit log, with who and why
+    refused = run_json(project, "audit", "--kind", "policy.refused")
+    assert [(e["actor"], e["data"]["action"]) for e in refused[-3:]] == [("mallory", "roll back"), ("carol", "automatic promotion"), ("alice", "promotion")]
+    assert "uncommitted changes" in refused[-1]["data"]["reasons"][0]
+    text = run_mlnb(project, "audit", "--kind", "policy", check=0).stdout
+    assert "mallory" in text and "may not roll back by hand" in text
+    # a policy that names a gate that does not exist is a configuration error that says which gates there are
+    p = run_mlnb(project, "promote", str(new), "-m", "x", env={"MLNB_POLICY_REQUIRED_GATES": "min_auc"}, check=1)
+    assert "policy_required_gates names unknown gate(s) min_auc; gates: min_roc_auc, min_pr_auc, no_regression" in p.stderr
+    assert run_mlnb(project, "audit", "verify", check=0).stdout.rstrip().endswith("chain intact")

@@ -1,8 +1,9 @@
 "A real `bentoml serve` of a bento built from the registry, spoken to over HTTP on 127.0.0.1."
-import os, shutil, socket, subprocess, threading, time
+import json, os, shutil, socket, subprocess, threading, time
+from pathlib import Path
 import httpx
 import pytest
-from conftest import MLNB, ROOT, run_json, run_mlnb
+from conftest import reference_project, MLNB, ROOT, run_json, run_mlnb
 
 from mlnb.data import generate_transactions, FEATURES
 
@@ -16,8 +17,7 @@ def free_port():
 def served(tmp_path_factory):
     "The reference project: v1 champion, v2 challenger (manual promotion), a bento of v1 served with 30% canary traffic."
     d = tmp_path_factory.mktemp("serving")
-    shutil.copy(ROOT / "settings.ini", d / "settings.ini")
-    shutil.copytree(ROOT / "nbs/pipeline", d / "nbs/pipeline")
+    reference_project(d)
     run_json(d, "run", "--jobs", "2", timeout=600)
     run_json(d, "run", "-p", "learning_rate=0.1", env={"MLNB_PROMOTION": "manual"}, timeout=600)
     built = run_json(d, "build", timeout=300)
@@ -129,3 +129,50 @@ def test_canary_share_then_promotion_under_load(served):
     after = [v for t, _, v in results if t > t_promoted + 4]
     assert after and set(after) == {2}, "every answer after the switch comes from version 2"
     assert c.get("/metadata").json()["version"] == 2
+
+
+def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
+    c, d = served["client"], served["project"]
+    r = c.post("/predict", json=records(1, seed=77)[0], headers={"x-request-id": "complaint-4711"})
+    version = r.json()["model_version"]
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the prediction log flushes every half second
+        p = run_mlnb(d, "lineage", "complaint-4711", "--json")
+        if p.returncode == 0: break
+        time.sleep(0.5)
+    ln = json.loads(p.stdout)
+    assert ln["resolved_as"] == "prediction" and ln["prediction"]["request_id"] == "complaint-4711"
+    assert ln["model"]["version"] == version and ln["prediction"]["score"] == r.json()["score"]
+    run = ln["pipeline_run"]
+    from mlnb.pipeline import load_run
+    from mlnb.config import load_config
+    rec = load_run(load_config(d), run["run_id"])
+    assert ln["data_digest"] == rec["data_digest"] and ln["git"]["commit"] == rec["git"]["commit"] and len(ln["git"]["commit"]) == 40
+    assert [s["stage"] for s in ln["stages"]] == ["ingest", "validate", "features", "train", "evaluate", "gate", "register"]
+    for s in ln["stages"]:
+        assert s["cache_key"] == rec["stages"][s["stage"]]["key"]
+        nb = json.loads(Path(s["notebook"]).read_text())  # the executed notebook, as papermill left it
+        assert Path(s["notebook"]).parent == Path(run["run_dir"]) / "notebooks"
+        assert "papermill" in nb["metadata"] and any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+        assert injected and all(f"{k} = " in "".join(injected[0]["source"]) for k in s["params"])
+    model_version = json.loads(Path(next(x for x in ln["stages"] if x["stage"] == "register")["notebook"]).read_text())
+    assert f"'version': {version}" in json.dumps(model_version)  # the register notebook printed the version it registered
+    assert [e["kind"] for e in ln["events"]][:2] == ["model.registered", "model.alias_set" if version == 2 else "model.promoted"]
+    text = run_mlnb(d, "lineage", "complaint-4711", check=0).stdout
+    assert text.startswith("prediction complaint-4711") and "notebooks/train.ipynb" in text and f"git commit {rec['git']['commit']}" in text
+    # the service's /metadata starts the same chain, and a bento tag resolves too
+    meta = c.get("/metadata").json()
+    assert meta["lineage"].startswith("every response carries x-request-id") and meta["model_card"] == "/card"
+    by_bento = run_json(d, "lineage", served["bento"]["tag"])
+    assert by_bento["resolved_as"] == "bento" and by_bento["model"]["version"] == 1
+    p = run_mlnb(d, "lineage", "no-such-thing", check=1)
+    assert "'no-such-thing' is not a version, alias, bento or logged prediction of model 'fraud-detector'; accepted: a version number" in p.stderr
+
+
+def test_model_card_ships_in_the_bento(served):
+    html = served["client"].get("/card")
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "<h2>Intended use</h2>" in html.text and "<h2>Fairness by <code>age_band</code></h2>" in html.text and "<table>" in html.text
+    src = Path(served["bento"]["path"]) / "src"
+    assert "## Gates" in (src / "model_card.md").read_text()
