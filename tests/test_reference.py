@@ -92,7 +92,9 @@ def test_every_stage_result_is_audited(reference):
     kinds = [e["kind"] for e in evs]
     assert kinds[0] == "run.started" and kinds[-1] == "run.finished" and kinds.count("stage.finished") == 7
     assert {e["refs"]["stage"]: e["data"]["status"] for e in evs if e["kind"] == "stage.finished"} == {s: "done" for s in STAGES}
-    assert "model.registered" in kinds and "gate.decision" in kinds and "model.promoted" in kinds
+    assert "model.registered" in kinds and "gate.decision" in kinds
+    promoted = run_json(d, "audit", "--kind", "model.promoted", "--ref", "version=1")
+    assert len(promoted) == 1 and promoted[0]["refs"]["alias"] == "champion" and promoted[0]["data"]["why"].startswith("all 6 gates passed")
     decision = next(e for e in evs if e["kind"] == "gate.decision")
     assert decision["data"]["passed"] and decision["data"]["action"] == "promoted" and "fairness_equalized_odds" in decision["data"]["gates"]
 

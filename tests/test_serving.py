@@ -153,7 +153,7 @@ def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
         assert s["cache_key"] == rec["stages"][s["stage"]]["key"]
         nb = json.loads(Path(s["notebook"]).read_text())  # the executed notebook, as papermill left it
         assert Path(s["notebook"]).parent == Path(run["run_dir"]) / "notebooks"
-        assert "papermill" in nb["metadata"] and any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        assert nb["metadata"]["papermill"]["exception"] is None and all(c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code")
         injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
         assert injected and all(f"{k} = " in "".join(injected[0]["source"]) for k in s["params"])
     model_version = json.loads(Path(next(x for x in ln["stages"] if x["stage"] == "register")["notebook"]).read_text())
