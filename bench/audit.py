@@ -2,7 +2,7 @@
 
 Baselines, measured in the same run:
   plain   the cheapest durable append that is safe with concurrent writers: one INSERT per transaction into a
-          SQLite table in WAL mode (same pragmas), no hash chain, no head file
+          SQLite table in WAL mode (same pragmas, one connection per process, as mlnb), no hash chain, no head file
   jsonl   one JSON line appended under an exclusive flock (what a hand-rolled log would do)
 Ratios are mlnb / baseline (time per event): 1.0 means the chain costs nothing.
 """
@@ -18,13 +18,13 @@ if kind == "mlnb":
     from mlnb import audit
     for i in range(n): audit.record(path, "bench.event", {"writer": w, "run": "20261127-101500-ab12cd"}, {"i": i, "status": "done"}, who=f"w{w}")
 elif kind == "plain":
+    con = sqlite3.connect(path, timeout=60, isolation_level=None)
+    con.execute("PRAGMA busy_timeout = 60000"); con.execute("PRAGMA synchronous = NORMAL")
     for i in range(n):
-        con = sqlite3.connect(path, timeout=60, isolation_level=None)
-        con.execute("PRAGMA busy_timeout = 60000"); con.execute("PRAGMA synchronous = NORMAL")
         con.execute("BEGIN IMMEDIATE")
         con.execute("INSERT INTO events (ts, actor, kind, refs, data) VALUES (?,?,?,?,?)",
                     (time.time(), f"w{w}", "bench.event", json.dumps({"writer": w, "run": "20261127-101500-ab12cd"}), json.dumps({"i": i, "status": "done"})))
-        con.execute("COMMIT"); con.close()
+        con.execute("COMMIT")
 else:
     for i in range(n):
         with open(path, "a") as f:
@@ -77,7 +77,7 @@ def main():
             h = audit._hash(seq, ts, "bench", "bench.event", refs, data, prev)
             batch.append((seq, ts, "bench", "bench.event", refs, data, prev, h)); prev = h
         con.executemany("INSERT INTO events (seq, ts, actor, kind, refs, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)", batch); con.commit(); con.close()
-        audit._head_path(path).write_text(json.dumps({"seq": a.verify_events, "hash": prev}))
+        audit._head_path(path).write_text(f"{a.verify_events:020d} {prev}\n")
         t0 = time.perf_counter(); rep = audit.verify(path); tv = time.perf_counter() - t0
         assert rep["ok"] and rep["events"] == a.verify_events
         t0 = time.perf_counter(); n = len(audit._rows(path)); tr = time.perf_counter() - t0

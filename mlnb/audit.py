@@ -38,7 +38,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(50):
         try:
-            con = sqlite3.connect(path, timeout=60, isolation_level=None)
+            con = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA busy_timeout = 60000")
             if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal": con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = NORMAL")
@@ -56,6 +56,24 @@ def _hash(seq, ts, who, kind, refs: str, data: str, prev: str) -> str:
 
 def _head_path(path: Path) -> Path: return path.with_name(path.name + ".head")
 
+def _read_head(path: Path) -> dict | None:
+    try: seq, h = _head_path(path).read_text().split()
+    except (OSError, ValueError): return None
+    return {"seq": int(seq), "hash": h}
+
+# One connection and one head-file handle per process and database, opened on first use (a process that forks
+# gets its own: they are keyed by pid). A lock serializes this process's threads; SQLite serializes processes.
+_OPEN: dict = {}
+
+def _handles(path: Path):
+    key = (os.path.abspath(path), os.getpid())
+    if key not in _OPEN:
+        import threading
+        con = _connect(path)
+        head = os.open(_head_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        _OPEN[key] = (con, head, threading.Lock())
+    return _OPEN[key]
+
 # %% ../nbs/12_audit.ipynb #0006
 def record(cfg: Config | Path | str,  # the project (or the audit database itself)
            kind: str,                  # what happened, e.g. `model.promoted`
@@ -67,23 +85,22 @@ def record(cfg: Config | Path | str,  # the project (or the audit database itsel
     path = log_path(cfg)
     refs_s = _canon({k: str(v) for k, v in (refs or {}).items() if v is not None})
     data_s, who = _canon(data), who or actor()
-    con = _connect(path)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        row = con.execute("SELECT seq, hash FROM events ORDER BY pos DESC LIMIT 1").fetchone()
-        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-        ts = time.time()
-        h = _hash(seq, ts, who, kind, refs_s, data_s, prev)
-        con.execute("INSERT INTO events (seq, ts, actor, kind, refs, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)",
-                    (seq, ts, who, kind, refs_s, data_s, prev, h))
-        head, tmp = _head_path(path), _head_path(path).with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"seq": seq, "hash": h})); os.replace(tmp, head)  # under the write lock: heads land in order
-        con.execute("COMMIT")
-    except sqlite3.Error as e:
-        try: con.execute("ROLLBACK")
-        except sqlite3.Error: pass
-        raise AuditError(f"cannot append to the audit log {path}: {e}") from None
-    finally: con.close()
+    con, head, lock = _handles(path)
+    with lock:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            row = con.execute("SELECT seq, hash FROM events ORDER BY pos DESC LIMIT 1").fetchone()
+            seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+            ts = time.time()
+            h = _hash(seq, ts, who, kind, refs_s, data_s, prev)
+            con.execute("INSERT INTO events (seq, ts, actor, kind, refs, data, prev, hash) VALUES (?,?,?,?,?,?,?,?)",
+                        (seq, ts, who, kind, refs_s, data_s, prev, h))
+            os.pwrite(head, f"{seq:020d} {h}\n".encode(), 0)  # fixed width, one write, under the write lock: heads land in order
+            con.execute("COMMIT")
+        except sqlite3.Error as e:
+            try: con.execute("ROLLBACK")
+            except sqlite3.Error: pass
+            raise AuditError(f"cannot append to the audit log {path}: {e}") from None
     return {"seq": seq, "ts": ts, "actor": who, "kind": kind, "refs": json.loads(refs_s), "data": json.loads(data_s), "hash": h}
 
 def _rows(path: Path) -> list:
@@ -133,7 +150,7 @@ def verify(cfg: Config | Path | str) -> dict:
             bad(seq, "broken link", f"event {seq} ({r[4]}) does not link to event {seq - 1} ({before[4]}): event {seq - 1} was rewritten after event {seq} was appended")
     missing = sorted(set(range(1, high + 1)) - set(by_seq))
     for seq in missing: bad(seq, "deleted", f"event {seq} was deleted: the log goes from {max([s for s in by_seq if s < seq], default=0)} to {min([s for s in by_seq if s > seq], default='the end')}")
-    head = json.loads(_head_path(path).read_text()) if _head_path(path).exists() else None
+    head = _read_head(path)
     if head and head["seq"] > high:
         for seq in range(high + 1, head["seq"] + 1): bad(seq, "deleted", f"event {seq} was deleted from the end of the log (the chain's head records {head['seq']} events)")
     elif head and head["seq"] in by_seq and by_seq[head["seq"]][8] != head["hash"]:
