@@ -161,21 +161,22 @@ def verify(cfg: Config | Path | str) -> dict:
 
 # %% ../nbs/12_audit.ipynb #0013
 def find_prediction(cfg: Config, request_id: str) -> dict | None:
-    "The logged prediction with this request id (the `x-request-id` a caller sent or got back), or None."
+    "The logged prediction with this request id (the `x-request-id` a caller sent or got back; of a batch, its first record), or None."
     folder = cfg.root / cfg.get("prediction_log", f"{cfg.state_dir}/predictions")
-    needle = json.dumps(request_id)
+    needle = json.dumps(request_id)[:-1]  # also matches the records of a batch, logged as ID:0, ID:1, ...
     for p in sorted(folder.glob("predictions-*.jsonl")) if folder.is_dir() else []:
         with open(p) as f:
             for line in f:
                 if needle in line:
                     e = json.loads(line)
-                    if e.get("request_id") == request_id: return {**e, "log_file": str(p)}
+                    if e.get("request_id") in (request_id, f"{request_id}:0"): return {**e, "log_file": str(p)}
     return None
 
 def _resolve(cfg: Config, ref: str) -> dict:
     "Which model version a REF names, and how."
     from mlnb import tracking
     from mlnb.serving import bento_settings
+    from mlnb.errors import TrackingError
     ref = str(ref).strip()
     accepted = ("accepted: a version number (3 or v3), an alias (champion, challenger), a bento tag (NAME:VERSION) "
                 "or the request id of a logged prediction")
@@ -184,11 +185,11 @@ def _resolve(cfg: Config, ref: str) -> dict:
     if ":" in ref:
         s = bento_settings(cfg, ref)
         if s is not None: return {"kind": "bento", "version": int(s["version"]), "bento": {"tag": s.get("bento", ref), **s.get("lineage", {})}}
+    try: aliases = tracking.read_aliases(cfg.tracking_uri, cfg.model_name)
+    except TrackingError: aliases = {}
+    if ref in aliases: return {"kind": "alias", "version": aliases[ref]}
     pred = find_prediction(cfg, ref)
     if pred is not None: return {"kind": "prediction", "version": int(pred["model_version"]), "prediction": pred}
-    try: return {"kind": "alias", "version": tracking.model_version_info(cfg, ref)["version"]}
-    except NotFound as e:
-        if "has no alias" not in str(e): raise
     raise NotFound(f"'{ref}' is not a version, alias, bento or logged prediction of model '{cfg.model_name}'; {accepted}")
 
 # %% ../nbs/12_audit.ipynb #0014

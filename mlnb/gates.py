@@ -181,6 +181,7 @@ def decide_promotion(cfg: Config, version: int, model, holdout, features: list, 
     info = tracking.model_version_info(cfg, str(version))
     decision = {"version": int(version), "policy": policy, "passed": passed, "gates": gates, "action": "blocked",
                 "fairness": report.get("fairness"), "policy_refusals": []}
+    alias = None
     if passed:
         alias = "champion" if policy == "auto" else "challenger"
         if alias == "champion":
@@ -188,13 +189,14 @@ def decide_promotion(cfg: Config, version: int, model, holdout, features: list, 
             if reasons:
                 audit.record(cfg, "policy.refused", {"model": cfg.model_name, "version": version}, {"action": "automatic promotion", "reasons": reasons})
                 alias, decision["policy_refusals"] = "challenger", reasons
-        why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
-        decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")
         decision["action"] = "promoted" if alias == "champion" else "challenger"
     audit.record(cfg, "gate.decision", {"model": cfg.model_name, "version": version, "run": info["tags"].get("mlnb.run_id")},
                  {"passed": passed, "action": decision["action"], "failed": [g["reason"] for g in gates if not g["passed"]],
                   "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates},
-                  "policy_refusals": decision["policy_refusals"]})
+                  "policy_refusals": decision["policy_refusals"]})  # the evidence first, then the move it allows
+    if alias:
+        why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
+        decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")
     return decision
 
 def promote_version(cfg: Config, version, reason: str, holdout=None, features=None, target=None) -> dict:

@@ -158,9 +158,13 @@ def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
         assert injected and all(f"{k} = " in "".join(injected[0]["source"]) for k in s["params"])
     model_version = json.loads(Path(next(x for x in ln["stages"] if x["stage"] == "register")["notebook"]).read_text())
     assert f"'version': {version}" in json.dumps(model_version)  # the register notebook printed the version it registered
-    assert [e["kind"] for e in ln["events"]][:2] == ["model.registered", "model.alias_set" if version == 2 else "model.promoted"]
+    assert [e["kind"] for e in ln["events"]][:3] == ["model.registered", "gate.decision", "model.alias_set" if version == 2 else "model.promoted"]
     text = run_mlnb(d, "lineage", "complaint-4711", check=0).stdout
     assert text.startswith("prediction complaint-4711") and "notebooks/train.ipynb" in text and f"git commit {rec['git']['commit']}" in text
+    # the id of a batch request resolves to its records
+    c.post("/predict/batch", json=records(3, seed=78), headers={"x-request-id": "batch-17"})
+    time.sleep(1.5)
+    assert run_json(d, "lineage", "batch-17")["prediction"]["request_id"] == "batch-17:0"
     # the service's /metadata starts the same chain, and a bento tag resolves too
     meta = c.get("/metadata").json()
     assert meta["lineage"].startswith("every response carries x-request-id") and meta["model_card"] == "/card"
