@@ -145,7 +145,7 @@ def verify(cfg: Config | Path | str) -> dict:
     for seq in sorted(by_seq):
         r = by_seq[seq]
         before = by_seq.get(seq - 1)
-        if seq == 1 and r[7] != GENESIS: bad(seq, "broken link", f"event 1 does not start the chain")
+        if seq == 1 and r[7] != GENESIS: bad(seq, "broken link", "event 1 does not start the chain")
         elif before is not None and r[7] != before[8]:
             bad(seq, "broken link", f"event {seq} ({r[4]}) does not link to event {seq - 1} ({before[4]}): event {seq - 1} was rewritten after event {seq} was appended")
     missing = sorted(set(range(1, high + 1)) - set(by_seq))
@@ -162,7 +162,7 @@ def verify(cfg: Config | Path | str) -> dict:
 # %% ../nbs/12_audit.ipynb #0013
 def find_prediction(cfg: Config, request_id: str) -> dict | None:
     "The logged prediction with this request id (the `x-request-id` a caller sent or got back; of a batch, its first record), or None."
-    folder = cfg.root / cfg.get("prediction_log", f"{cfg.state_dir}/predictions")
+    folder = cfg.prediction_log_dir
     needle = json.dumps(request_id)[:-1]  # also matches the records of a batch, logged as ID:0, ID:1, ...
     for p in sorted(folder.glob("predictions-*.jsonl")) if folder.is_dir() else []:
         with open(p) as f:
@@ -172,21 +172,17 @@ def find_prediction(cfg: Config, request_id: str) -> dict | None:
                     if e.get("request_id") in (request_id, f"{request_id}:0"): return {**e, "log_file": str(p)}
     return None
 
-def _resolve(cfg: Config, ref: str) -> dict:
-    "Which model version a REF names, and how."
-    from mlnb import tracking
+def _resolve(cfg: Config, ref: str, aliases: dict) -> dict:
+    "Which model version a REF names, and how (`aliases`: the model's `{alias: version}`)."
     from mlnb.serving import bento_settings
-    from mlnb.errors import TrackingError
     ref = str(ref).strip()
     accepted = ("accepted: a version number (3 or v3), an alias (champion, challenger), a bento tag (NAME:VERSION) "
                 "or the request id of a logged prediction")
     if ref.lower().startswith("v") and ref[1:].isdigit(): ref = ref[1:]
-    if ref.isdigit(): return {"kind": "version", "version": tracking.model_version_info(cfg, ref)["version"]}
+    if ref.isdigit(): return {"kind": "version", "version": int(ref)}
     if ":" in ref:
         s = bento_settings(cfg, ref)
         if s is not None: return {"kind": "bento", "version": int(s["version"]), "bento": {"tag": s.get("bento", ref), **s.get("lineage", {})}}
-    try: aliases = tracking.read_aliases(cfg.tracking_uri, cfg.model_name)
-    except TrackingError: aliases = {}
     if ref in aliases: return {"kind": "alias", "version": aliases[ref]}
     pred = find_prediction(cfg, ref)
     if pred is not None: return {"kind": "prediction", "version": int(pred["model_version"]), "prediction": pred}
@@ -197,9 +193,12 @@ def lineage(cfg: Config, ref: str) -> dict:
     "The chain from a prediction, bento, alias or version back to notebooks, data and code."
     from mlnb import tracking
     from mlnb.pipeline import load_run
-    start = _resolve(cfg, ref)
-    info = tracking.model_version_info(cfg, str(start["version"]))
-    aliases = [a for a, v in tracking.read_aliases(cfg.tracking_uri, cfg.model_name).items() if v == info["version"]]
+    from mlnb.errors import TrackingError
+    try: all_aliases = tracking.read_aliases(cfg.tracking_uri, cfg.model_name)
+    except TrackingError: all_aliases = {}  # no registered model yet: model_version_info below says so
+    start = _resolve(cfg, ref, all_aliases)
+    info = tracking.model_version_info(cfg, str(start["version"]))  # also checks that the version exists
+    aliases = [a for a, v in all_aliases.items() if v == info["version"]]
     tags = info["tags"]
     out = {"ref": ref, "resolved_as": start["kind"], "prediction": start.get("prediction"), "bento": start.get("bento"),
            "model": {"name": info["name"], "version": info["version"], "aliases": aliases, "model_uri": info["model_uri"],

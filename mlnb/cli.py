@@ -341,7 +341,7 @@ def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
     "Drift and performance of the champion's traffic against its reference data; exit 3 on drift."
     from mlnb.monitor import check_champion
     cfg = _cfg(ctx)
-    retrain = retrain or str(cfg.get("retrain_on_alert", "false")).lower() in ("true", "1", "yes")  # the policy in settings.ini
+    retrain = retrain or cfg.flag("retrain_on_alert")  # the policy in settings.ini
     res = check_champion(cfg, data=data, log_dir=log_dir, window=window, labels=labels, out=out, retrain=retrain)
     rep = res["report"]
     perf = rep.get("performance") or {}
@@ -399,7 +399,7 @@ def audit_verify(ctx, as_json):
     text = [f"audit log {rep['path']}: {rep['events']} events, " + ("chain intact" if rep["ok"] else f"{len(rep['problems'])} problem(s):")]
     text += [f"  {p['problem']}: {p['detail']}" for p in rep["problems"]]
     _out(rep, as_json, "\n".join(text))
-    if not rep["ok"]: raise MlnbError(f"the audit log has been tampered with: " + "; ".join(p["detail"] for p in rep["problems"][:5]))
+    if not rep["ok"]: raise MlnbError("the audit log has been tampered with: " + "; ".join(p["detail"] for p in rep["problems"][:5]))
 
 @main.command()
 @click.argument("ref", metavar="REF")

@@ -40,6 +40,20 @@ class Config:
         "A key of `[mlnb]` that is not a field (gates, drift thresholds, ...), after environment overrides."
         return self.extra.get(key, default)
 
+    def flag(self, key, default: bool = False) -> bool:
+        "A true/false key of `[mlnb]`; anything else is a `ConfigError` that says what is accepted."
+        v = str(self.extra.get(key, default)).strip().lower()
+        if v in ("true", "1", "yes", "on"): return True
+        if v in ("false", "0", "no", "off", ""): return False
+        raise ConfigError(f"{key} = {v!r}; accepted: true, false")
+
+    def values(self) -> dict:
+        "Every setting, fields and other keys, after environment overrides (what a run records)."
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("root", "extra")}, **self.extra}
+
+    @property
+    def prediction_log_dir(self) -> Path: return self.root / self.extra.get("prediction_log", f"{self.state_dir}/predictions")
+
 # %% ../nbs/01_config.ipynb #0007
 def _coerce(key, raw, typ, source):
     try:

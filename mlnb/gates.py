@@ -117,19 +117,13 @@ def raise_for_gates(report: dict):
 # %% ../nbs/08_gates.ipynb #0013
 GATE_NAMES = ("min_roc_auc", "min_pr_auc", "no_regression", "fairness_demographic_parity", "fairness_equalized_odds", "max_p95_latency", "max_model_size")
 
-def _bool(cfg: Config, key: str, default: str = "false") -> bool:
-    v = str(cfg.get(key, default)).strip().lower()
-    if v in ("true", "1", "yes", "on"): return True
-    if v in ("false", "0", "no", "off", ""): return False
-    raise ConfigError(f"{key} = {v!r}; accepted: true, false")
-
 def promotion_policy(cfg: Config) -> dict:
     "The `policy_*` settings, checked."
     req = [g.strip() for g in str(cfg.get("policy_required_gates", "") or "").split(",") if g.strip()]
     unknown = [g for g in req if g not in GATE_NAMES]
     if unknown: raise ConfigError(f"policy_required_gates names unknown gate(s) {', '.join(unknown)}; gates: {', '.join(GATE_NAMES)}")
     promoters = [p.strip() for p in str(cfg.get("policy_promoters", "*") or "*").split(",") if p.strip()]
-    return {"required_gates": req, "promoters": promoters, "champion_clean_git": _bool(cfg, "policy_champion_clean_git")}
+    return {"required_gates": req, "promoters": promoters, "champion_clean_git": cfg.flag("policy_champion_clean_git")}
 
 def policy_violations(cfg: Config, gates: list, git: dict, has_champion: bool = True) -> list:
     "Why a version with these gate results, trained from this git state, may not be champion (empty: it may)."

@@ -220,7 +220,7 @@ def load_window(cfg: Config, version: int, data=None, log_dir=None, window: int 
     "The rows to judge: a data file, or the newest `window` answers of `version` in the prediction log."
     if data: return read_table(data)
     from mlnb.serving import read_prediction_log
-    folder = Path(log_dir) if log_dir else cfg.root / cfg.get("prediction_log", f"{cfg.state_dir}/predictions")
+    folder = Path(log_dir) if log_dir else cfg.prediction_log_dir
     df = read_prediction_log(folder)
     if df.empty: raise ValidationError(f"the prediction log in {folder} is empty; serve the model (`mlnb serve`) and send traffic first")
     df = df[(df["model_version"] == version) & (df["variant"] == "champion")]

@@ -196,10 +196,9 @@ def env_digest(kernel: str = "python3") -> str:
 def input_digests(stage: Stage, cfg: Config) -> dict:
     "Digests of the files a stage declares in `inputs`, and the values of the settings it declares in `settings`."
     from fnmatch import fnmatch
-    from dataclasses import asdict
     from mlnb.stage import file_digest
     root = cfg.root
-    values = {**{k: v for k, v in asdict(cfg).items() if k not in ("root", "extra")}, **cfg.extra}
+    values = cfg.values()
     out = {f"setting:{k}": str(v) for k, v in sorted(values.items()) if any(fnmatch(k, pat) for pat in stage.settings)}
     for rel in stage.inputs:
         f = root / rel
@@ -421,10 +420,9 @@ class _Run:
         self.forced = set(self.selected) - done_before if (opts.force or opts.only or opts.start) else set()
         from mlnb import __version__
         from mlnb.audit import actor
-        from dataclasses import asdict
         self.rec = prev or {"run_id": self.run_id, "project": str(cfg.root), "pipeline": str(pipeline.folder),
                             "user": actor(), "mlnb_version": __version__}
-        self.rec["settings"] = {**{k: v for k, v in asdict(cfg).items() if k not in ("root", "extra")}, **cfg.extra}
+        self.rec["settings"] = cfg.values()
         self.rec.update(pid=os.getpid(), host=platform.node())
         self.rec.update(status="running", started=prev["started"] if prev else time.time(), ended=None, rev=(prev or {}).get("rev", 0),
                         options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force},

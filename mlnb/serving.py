@@ -356,7 +356,7 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
     settings = {"model_name": cfg.model_name, "version": info["version"], "bento_model": str(bm.tag), "service_name": safe,
                 "fields": contract_fields(contract), "contract_yaml": contract, "tracking_uri": cfg.tracking_uri,
                 "canary_share": float(extra.get("canary_share") or 0), "reload_interval": float(extra.get("reload_interval") or 2),
-                "prediction_log": str((cfg.root / extra.get("prediction_log", f"{cfg.state_dir}/predictions")).resolve()),
+                "prediction_log": str(cfg.prediction_log_dir.resolve()),
                 "max_batch": int(extra.get("max_batch") or 1000), "workers": int(extra.get("serve_workers") or 1),
                 "lineage": {"mlflow_run_id": info["run_id"], "pipeline_run_id": info["tags"].get("mlnb.run_id"),
                             "parent_run_id": info["tags"].get("mlnb.parent_run_id"), "data_digest": info["tags"].get("mlnb.data_digest"),
