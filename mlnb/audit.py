@@ -193,9 +193,7 @@ def lineage(cfg: Config, ref: str) -> dict:
     "The chain from a prediction, bento, alias or version back to notebooks, data and code."
     from mlnb import tracking
     from mlnb.pipeline import load_run
-    from mlnb.errors import TrackingError
-    try: all_aliases = tracking.read_aliases(cfg.tracking_uri, cfg.model_name)
-    except TrackingError: all_aliases = {}  # no registered model yet: model_version_info below says so
+    all_aliases = tracking.read_aliases(cfg.tracking_uri, cfg.model_name)  # no registered model: a TrackingError that says so
     start = _resolve(cfg, ref, all_aliases)
     info = tracking.model_version_info(cfg, str(start["version"]))  # also checks that the version exists
     aliases = [a for a, v in all_aliases.items() if v == info["version"]]

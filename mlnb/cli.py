@@ -454,6 +454,6 @@ def report(ctx, out, as_json):
             f"  lead time (median) {_dur(m['lead_time']['median_s'])}; change failure rate "
             + ("-" if m["change_failure_rate"] is None else f"{m['change_failure_rate']:.0%}"),
             f"  drift incidents {inc['count']} ({inc['open']} open); mean time to resolve {_dur(inc['mean_time_to_resolve_s'])}",
-            "  accuracy: " + ", ".join(f"v{a['version']} {a['roc_auc']:.4f}" for a in m["accuracy"] if a["roc_auc"] is not None),
+            "  accuracy: " + (", ".join(f"v{a['version']} {a['roc_auc']:.4f}" for a in m["accuracy"] if a["roc_auc"] is not None) or "no model versions yet"),
             f"report: {res['paths']['html']}"]
     _out(res, as_json, "\n".join(text))

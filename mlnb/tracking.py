@@ -378,7 +378,9 @@ def read_aliases(tracking_uri: str, name: str) -> dict:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     from mlflow.exceptions import MlflowException
     try: rm = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_registered_model(name)
-    except MlflowException as e: raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: {str(e).splitlines()[0]}") from e
+    except MlflowException as e:
+        raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: {str(e).splitlines()[0]} "
+                            "(a model is registered by the pipeline's register stage: `mlnb run`)") from e
     return {a: int(v) for a, v in rm.aliases.items()}
 
 def version_tags(tracking_uri: str, name: str, version) -> dict:

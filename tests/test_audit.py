@@ -147,3 +147,11 @@ def test_reproduce_names_a_stage_that_does_not_reproduce(project):
     assert err.startswith(f"mlnb: error: run {rec['run_id']} was not reproduced: data digest") and err.endswith("stage noisy: product bytes")
     failed = run_mlnb(project, "reproduce", "nope", check=1)
     assert "no run 'nope'" in failed.stderr
+
+
+def test_governance_commands_without_a_model_say_what_to_do(project):
+    p = run_mlnb(project, "lineage", "champion", check=1)
+    assert "cannot read model 'test-model'" in p.stderr and "registered by the pipeline's register stage: `mlnb run`" in p.stderr
+    rep = run_json(project, "report")
+    assert rep["metrics"]["deployments"]["count"] == 0 and rep["metrics"]["accuracy"] == []
+    assert "accuracy: no model versions yet" in run_mlnb(project, "report", check=0).stdout
