@@ -13,7 +13,7 @@ from .errors import MlnbError
 # %% auto #0
 __all__ = ['DRIFT_EXIT', 'main', 'run', 'status', 'show', 'inspect', 'sync', 'models', 'promote', 'rollback', 'contract',
            'contract_infer', 'contract_check', 'build', 'serve', 'simulate', 'monitor', 'audit', 'audit_verify',
-           'lineage', 'card', 'reproduce', 'report']
+           'lineage', 'card', 'reproduce', 'report', 'new']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -69,23 +69,66 @@ def _progress(console):
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Per-stage timeout in seconds.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]", help="Continue a failed or interrupted run (default: the last one).")
 @click.option("--wait-tracking", is_flag=True, help="Log to MLflow before exiting even when every stage was reused.")
+@click.option("--artifacts", type=click.Path(file_okay=False), help="Copy the executed notebooks, the run record, the gate report and a Markdown summary here (for CI), also when the run fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.pass_context
-def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, as_json):
+def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, artifacts, as_json):
     "Run the pipeline: stages whose inputs did not change are reused."
     from rich.console import Console
-    from mlnb.pipeline import run_pipeline, RunOptions
+    from mlnb.pipeline import run_pipeline, RunOptions, load_run
     if only and start: raise click.UsageError("--only and --from select differently; give one of them")
     console = Console(stderr=True)
     cfg = _cfg(ctx)
     t0 = time.time()
-    rec = run_pipeline(cfg, RunOptions(overrides=list(params), only=only, start=start, force=force, jobs=jobs,
-                                       timeout=timeout, resume=resume), on_event=_progress(console),
-                       sync_tracking=True if wait_tracking else None)
+    try:
+        rec = run_pipeline(cfg, RunOptions(overrides=list(params), only=only, start=start, force=force, jobs=jobs,
+                                           timeout=timeout, resume=resume), on_event=_progress(console),
+                           sync_tracking=True if wait_tracking else None)
+    finally:
+        if artifacts:
+            try: _write_artifacts(cfg, load_run(cfg, "latest"), Path(artifacts))
+            except MlnbError: pass  # no run was started: nothing to keep
     n = {k: sum(s["status"] == k for s in rec["stages"].values()) for k in ("done", "cached")}
     console.print(f"run {rec['run_id']} done: {n['done']} ran, {n['cached']} reused in {time.time() - t0:.2f}s; "
                   f"executed notebooks in {cfg.state_dir}/runs/{rec['run_id']}/notebooks", highlight=False, soft_wrap=True)
+    fate = _model_fate(rec)
+    if fate: console.print(fate, highlight=False, soft_wrap=True)
     _out(rec, as_json, rec["run_id"])
+
+def _product(rec: dict, name: str):
+    "The JSON product `name` of the newest stage of the run that made one, or None."
+    for st in reversed(list(rec["stages"].values())):
+        p = Path(st["entry"]) / f"{name}.json" if st.get("entry") and name in (st.get("products") or {}) else None
+        if p and p.exists(): return json.loads(p.read_text())
+    return None
+
+def _model_fate(rec: dict) -> str | None:
+    "One line on what the run did to the model: the version, and champion, challenger or blocked, and why."
+    d = _product(rec, "promotion")
+    if not d: return None
+    line = f"model v{d['version']}: " + {"promoted": "champion", "challenger": "challenger", "blocked": "blocked by its gates"}.get(d["action"], d["action"])
+    if d.get("policy_refusals"): line += " (champion refused by policy: " + "; ".join(d["policy_refusals"]) + ")"
+    return line
+
+def _gate_table(report: dict) -> list:
+    return ["| gate | passed | value | limit |", "|---|---|---|---|",
+            *[f"| {g['gate']} | {'yes' if g['passed'] else '**no**'} | {g['value']:.4g} | {g['limit']:g} |" for g in report.get("gates", [])]]
+
+def _write_artifacts(cfg, rec: dict, out: Path):
+    "The executed notebooks, the run record, the gate report and `summary.md` of a run, in `out`."
+    import shutil
+    out.mkdir(parents=True, exist_ok=True)
+    nbs = cfg.state / "runs" / rec["run_id"] / "notebooks"
+    if nbs.is_dir(): shutil.copytree(nbs, out / "notebooks", dirs_exist_ok=True)
+    (out / "run.json").write_text(json.dumps(rec, indent=1, default=str))
+    report = _product(rec, "promotion") or _product(rec, "gates")
+    if report: (out / "gates.json").write_text(json.dumps(report, indent=1, default=str))
+    lines = [f"## mlnb run {rec['run_id']}: {rec['status']}", "", "| stage | status | seconds |", "|---|---|---|",
+             *[f"| {n} | {s['status']} | {s.get('duration') or 0:.1f} |" for n, s in rec["stages"].items()], ""]
+    for n, s in rec["stages"].items():
+        if s.get("error"): lines += [f"**{n} failed**: {s['error']}", ""]
+    if report: lines += [_model_fate(rec) or "gates:", "", *_gate_table(report), ""]
+    (out / "summary.md").write_text("\n".join(lines))
 
 # %% ../nbs/20_cli.ipynb #0009
 def _stage_rows(rec):
@@ -177,16 +220,6 @@ def sync(ctx, run_id, follow):
         click.echo(f"{r['run_id']}  {tr['parent_run_id']}")
 
 # %% ../nbs/20_cli.ipynb #0011
-def _holdout_of(cfg, version: dict):
-    "The holdout the version was evaluated on, from its pipeline run's features stage (None if not on this machine)."
-    from mlnb.pipeline import load_run
-    from mlnb.errors import NotFound
-    import pandas as pd
-    try: rec = load_run(cfg, version["tags"].get("mlnb.run_id", ""))
-    except NotFound: return None
-    entry = Path(rec["stages"].get("features", {}).get("entry") or "/nonexistent")
-    return pd.read_parquet(entry / "holdout.parquet") if (entry / "holdout.parquet").exists() else None
-
 @main.command()
 @click.option("--history", is_flag=True, help="Show every alias move (who, when, why).")
 @click.option("--json", "as_json", is_flag=True)
@@ -194,16 +227,20 @@ def _holdout_of(cfg, version: dict):
 def models(ctx, history, as_json):
     "Versions of the project's model, with aliases and gate results."
     from mlnb.tracking import list_versions, alias_history
+    from mlnb.tasks import task_of
     cfg = _cfg(ctx)
     vs = list_versions(cfg)
+    try: primary = task_of(cfg).primary
+    except MlnbError: primary = "roc_auc"  # a project that declares no task yet
     hist = alias_history(cfg) if history or as_json else []
     lines = [f"model {cfg.model_name}:"]
     for v in vs:
         gates = json.loads(v["tags"].get("mlnb.gates", "[]"))
         ok = v["tags"].get("mlnb.gates.passed")
         failed = [g["gate"] for g in gates if not g["passed"]]
+        metric = v["tags"].get("mlnb.primary_metric") or primary
         lines.append(f"  v{v['version']:<4} {','.join(v['aliases']) or '-':<20} gates {'passed' if ok == 'true' else 'FAILED: ' + ', '.join(failed) if ok == 'false' else 'not run'}"
-                     f"  roc_auc={v['tags'].get('holdout.roc_auc', '?')}  run {v['tags'].get('mlnb.run_id', '?')}")
+                     f"  {metric}={v['tags'].get('holdout.' + metric, '?')}  run {v['tags'].get('mlnb.run_id', '?')}")
     if history:
         lines += ["", "alias history:"] + [f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['when']))}  {e['alias']}: "
                                            f"{e['from'] or '-'} -> {e['to']}  ({e['kind']}) by {e['who']}: {e['why']}" for e in hist]
@@ -216,16 +253,8 @@ def models(ctx, history, as_json):
 @click.pass_context
 def promote(ctx, version, reason, as_json):
     "Make VERSION the champion (refused unless its gates passed and it does not regress)."
-    from mlnb.tracking import list_versions
     from mlnb.gates import promote_version
-    from mlnb.data import FEATURES, TARGET
-    from mlnb.errors import NotFound
-    cfg = _cfg(ctx)
-    vs = list_versions(cfg)
-    v = next((x for x in vs if x["version"] == version), None)
-    if v is None:
-        raise NotFound(f"model '{cfg.model_name}' has no version {version}; versions: {', '.join(str(x['version']) for x in sorted(vs, key=lambda x: x['version'])) or 'none'}")
-    event = promote_version(cfg, version, reason, holdout=_holdout_of(cfg, v), features=FEATURES, target=TARGET)
+    event = promote_version(_cfg(ctx), version, reason)
     _out(event, as_json, f"champion: {event['from'] or '-'} -> {event['to']}")
 
 @main.command()
@@ -300,39 +329,76 @@ def serve(ctx, tag, host, port):
 # %% ../nbs/20_cli.ipynb #0017
 DRIFT_EXIT = 3
 
+def _perturb(df, features: list, drift: float, seed: int):
+    "Rows shifted away from the training data: numbers moved up by `drift` standard deviations and spread upwards (so they stay above their minimum), categories skewed to one value."
+    import numpy as np, pandas as pd
+    rng, out = np.random.default_rng(seed), df.copy()
+    for c in features:
+        s = out[c]
+        if pd.api.types.is_bool_dtype(s): continue
+        if pd.api.types.is_numeric_dtype(s):
+            sd = float(s.std()) or 1.0
+            moved = s + drift * sd + (s - s.min()) * drift / 2
+            out[c] = (np.round(moved).astype(s.dtype) if pd.api.types.is_integer_dtype(s) else moved.astype(float))
+        else:
+            top = s.value_counts().index[-1] if s.nunique() > 1 else s.iloc[0]
+            flip = rng.random(len(s)) < drift / 2
+            out.loc[flip, c] = top
+    return out
+
 @main.command()
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The running service.")
 @click.option("--rows", default=1000, show_default=True, type=click.IntRange(1))
-@click.option("--drift", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="0: like the training data; 1: strongly drifted.")
+@click.option("--drift", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="0: rows as they are; 1: strongly shifted.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Rows to send (csv, parquet, jsonl; with the target for --labels); default: the champion's holdout.")
 @click.option("--seed", default=1000, show_default=True, type=int)
-@click.option("--labels", "labels_out", type=click.Path(dir_okay=False), help="Write the ground truth (request_id, is_fraud) here, as JSON lines.")
+@click.option("--labels", "labels_out", type=click.Path(dir_okay=False), help="Write the ground truth (request_id and the target) here, as JSON lines.")
 @click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 256))
 @click.pass_context
-def simulate(ctx, url, rows, drift, seed, labels_out, concurrency):
-    "Send generated production traffic to a running service (and write the labels that would arrive later)."
+def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
+    "Send production-like traffic to a running service: rows of the champion's holdout (or --data), optionally shifted."
     import httpx
     from concurrent.futures import ThreadPoolExecutor
-    from mlnb.data import generate_transactions, FEATURES, TARGET
-    from mlnb.errors import MlnbError
-    df = generate_transactions(rows, seed=seed, drift=drift)
-    recs = df[FEATURES].to_dict("records")
+    from mlnb import tracking
+    from mlnb.errors import MlnbError, ValidationError
+    from mlnb.monitor import read_table
+    from mlnb.tasks import task_of_version
+    cfg = _cfg(ctx)
+    info = tracking.model_version_info(cfg, "champion")
+    task = task_of_version(cfg, info["tags"])
+    if data: source = read_table(data)
+    else:
+        source = tracking.version_holdout(cfg, info["version"])
+        if source is None: raise MlnbError(f"version {info['version']} has no holdout.parquet to send rows from; pass --data FILE")
+    contract = tracking.version_artifact(cfg, info["version"], "contract.yaml")
+    from mlnb.serving import contract_fields
+    features = list(contract_fields(contract)) if contract else task.feature_columns(source)
+    missing = [c for c in features if c not in source]
+    if missing: raise ValidationError(f"the rows to send lack the model's feature(s) {', '.join(missing)}")
+    if labels_out and task.target not in source: raise ValidationError(f"--labels needs the target column {task.target} in the rows to send")
+    df = source.sample(rows, replace=len(source) < rows, random_state=seed).reset_index(drop=True)
+    df = _perturb(df, features, drift, seed) if drift else df
+    recs = json.loads(df[features].to_json(orient="records"))
+    import secrets
+    batch = secrets.token_hex(3)  # request ids unique across simulations, so labels join with this batch only
+    ids = [f"sim-{batch}-{i}" for i in range(rows)]
+    click.echo(f"sending {rows} rows to {url} ...", err=True)
     with httpx.Client(base_url=url, timeout=30) as client:
         try: client.get("/readyz")
         except httpx.HTTPError as e: raise MlnbError(f"no service at {url} ({e}); start one with `mlnb serve`") from None
-        def send(i):
-            r = client.post("/predict", json=recs[i], headers={"x-request-id": df.tx_id.iloc[i]})
-            return r.status_code
+        def send(i): return client.post("/predict", json=recs[i], headers={"x-request-id": ids[i]}).status_code
         with ThreadPoolExecutor(concurrency) as ex: codes = list(ex.map(send, range(rows)))
     if labels_out:
-        df[["tx_id", TARGET]].rename(columns={"tx_id": "request_id"}).to_json(labels_out, orient="records", lines=True)
+        df.assign(request_id=ids)[["request_id", task.target]].to_json(labels_out, orient="records", lines=True)
     bad = sum(c != 200 for c in codes)
     click.echo(f"sent {rows} requests (drift {drift}): {rows - bad} answered, {bad} refused" + (f"; labels in {labels_out}" if labels_out else ""), err=True)
+    if bad == rows: raise MlnbError(f"the service at {url} refused every request: it serves another model, or the rows do not fit its contract")
 
 @main.command()
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="A data file to check instead of the prediction log.")
 @click.option("--log", "log_dir", type=click.Path(file_okay=False), help="Prediction log folder (default: prediction_log setting).")
 @click.option("--window", default=5000, show_default=True, type=click.IntRange(1), help="The newest N logged predictions.")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Ground truth (request_id, is_fraud): adds performance.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Ground truth (request_id and the target, as `mlnb simulate` writes it): adds performance.")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: .mlnb/monitor/TIME).")
 @click.option("--retrain", is_flag=True, help="On drift or degradation, retrain on the labelled window through the pipeline (also: retrain_on_alert = true).")
 @click.option("--json", "as_json", is_flag=True)
@@ -348,7 +414,9 @@ def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
     text = [f"model {cfg.model_name} v{rep['model_version']}: {'DRIFT' if rep['dataset_drift'] else 'no drift'} "
             f"({len(rep['drifted_columns'])}/{len(rep['columns'])} columns: {', '.join(rep['drifted_columns']) or '-'})"]
     if rep.get("prediction"): text.append(f"prediction drift: {'yes' if rep['prediction']['drifted'] else 'no'}")
-    if perf: text.append(f"ROC AUC on {perf['rows']} labelled: {perf['roc_auc']:.4f}" + (f" (holdout {perf['reference_roc_auc']:.4f})" if 'reference_roc_auc' in perf else ""))
+    if perf:
+        from mlnb.monitor import performance_text
+        text.append(performance_text(perf))
     text.append(f"report: {res['paths']['html']}")
     if res.get("incident"): text.append(f"incident {res['incident']['id']}: {res['incident']['status']}")
     if res.get("retrain"): text.append(f"retrained: run {res['retrain']['run_id']}, champion now v{res['retrain']['champion']}")
@@ -407,7 +475,7 @@ def audit_verify(ctx, as_json):
 @click.pass_context
 def lineage(ctx, ref, as_json):
     "Where REF came from: a request id, bento tag, alias or version -> pipeline run -> notebooks -> data -> commit."
-    from mlnb.audit import lineage as get_lineage, lineage_text
+    from mlnb.governance import lineage as get_lineage, lineage_text
     ln = get_lineage(_cfg(ctx), ref)
     _out(ln, as_json, lineage_text(ln))
 
@@ -435,7 +503,7 @@ def card(ctx, ref, as_html, out):
 def reproduce(ctx, run_id, jobs, as_json):
     "Rerun RUN from its git commit, parameters and settings in a fresh folder; compare metrics and product digests."
     from rich.console import Console
-    from mlnb.audit import reproduce as do_reproduce, reproduce_text
+    from mlnb.governance import reproduce as do_reproduce, reproduce_text
     from mlnb.errors import MlnbError
     rep = do_reproduce(_cfg(ctx), run_id, on_event=_progress(Console(stderr=True)), jobs=jobs)
     _out(rep, as_json, reproduce_text(rep))
@@ -447,13 +515,31 @@ def reproduce(ctx, run_id, jobs, as_json):
 @click.pass_context
 def report(ctx, out, as_json):
     "Delivery metrics: deployment frequency, lead time, change failure rate, drift incidents, accuracy over versions."
-    from mlnb.audit import write_delivery_report, _dur
+    from mlnb.governance import write_delivery_report, _dur
     res = write_delivery_report(_cfg(ctx), out)
     m = res["metrics"]; d, inc = m["deployments"], m["incidents"]
     text = [f"model {m['model']}: {d['count']} deployments ({d['promotions']} promotions, {d['rollbacks']} rollbacks; {d['per_week']:.2f} per week)",
             f"  lead time (median) {_dur(m['lead_time']['median_s'])}; change failure rate "
             + ("-" if m["change_failure_rate"] is None else f"{m['change_failure_rate']:.0%}"),
             f"  drift incidents {inc['count']} ({inc['open']} open); mean time to resolve {_dur(inc['mean_time_to_resolve_s'])}",
-            "  accuracy: " + (", ".join(f"v{a['version']} {a['roc_auc']:.4f}" for a in m["accuracy"] if a["roc_auc"] is not None) or "no model versions yet"),
+            "  accuracy: " + (", ".join(f"v{a['version']} {a['metric']} {a['holdout']:.4f}" for a in m["accuracy"] if a["holdout"] is not None) or "no model versions yet"),
             f"report: {res['paths']['html']}"]
     _out(res, as_json, "\n".join(text))
+
+# %% ../nbs/20_cli.ipynb #0022
+@main.command()
+@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--task", type=click.Choice(["binary", "multiclass", "regression"]), help="What the model learns (default: binary, or guessed from --data).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Start from your own table (.csv or .parquet) instead of a bundled scikit-learn dataset.")
+@click.option("--target", help="The label column of --data.")
+@click.option("--id", "id_columns", multiple=True, metavar="COLUMN", help="A column of --data that identifies a row and is not a feature (repeatable).")
+@click.option("--sensitive", metavar="COLUMN", help="A column fairness is measured across.")
+@click.option("--name", help="Model and experiment name (default: the folder's name).")
+@click.option("--json", "as_json", is_flag=True)
+def new(folder, task, data, target, id_columns, sensitive, name, as_json):
+    "Start a new mlnb project in DIR: settings, stage notebooks, a contract, a model card and a CI workflow."
+    from mlnb.scaffold import new_project
+    out = new_project(folder, task=task, data=data, target=target, name=name, id_columns=tuple(id_columns), sensitive=sensitive)
+    text = [f"wrote a {out['task']} project '{out['name']}' (target {out['target']}) in {out['folder']}: {len(out['files'])} files", "next:",
+            *[f"  {c}" for c in out["next"]]]
+    _out(out, as_json, "\n".join(text))

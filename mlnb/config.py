@@ -10,10 +10,12 @@ from pathlib import Path
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'Config', 'find_project', 'load_config']
+__all__ = ['ENV_PREFIX', 'DATA_KEYS', 'Config', 'find_project', 'load_config']
 
 # %% ../nbs/01_config.ipynb #0005
 ENV_PREFIX = "MLNB_"
+# the project's data declaration: every stage's cache key includes these (a change of task or target reruns what reads them)
+DATA_KEYS = ("task", "target", "features", "id_columns", "sensitive", "positive_label", "threshold", "primary_metric", "contract")
 
 @dataclass(frozen=True)
 class Config:

@@ -11,8 +11,9 @@ from .config import Config
 from .errors import ConfigError, ValidationError
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'drift_settings', 'numeric_drift', 'categorical_drift', 'detect_drift', 'performance', 'render_html',
-           'write_report', 'read_table', 'load_window', 'list_incidents', 'retrain_on_window', 'check_champion']
+__all__ = ['DEFAULTS', 'drift_settings', 'numeric_drift', 'categorical_drift', 'detect_drift', 'performance', 'performance_text',
+           'render_html', 'write_report', 'read_table', 'load_window', 'list_incidents', 'retrain_on_window',
+           'read_labels', 'check_champion']
 
 # %% ../nbs/11_monitor.ipynb #0005
 DEFAULTS = {"drift_alpha": 0.05, "drift_large_reference": 10_000, "drift_wasserstein": 0.1, "drift_jensenshannon": 0.1,
@@ -125,23 +126,42 @@ def detect_drift(reference, current, features: list, categorical: list, settings
     out["drift_share"] = len(out["drifted_columns"]) / max(len(cols), 1)
     out["dataset_drift"] = out["drift_share"] >= s["drift_share"]
     if score_column and score_column in reference and score_column in current:
-        out["prediction"] = numeric_drift(reference[[score_column]].to_numpy(float), current[[score_column]].dropna().to_numpy(float), [score_column], s)[0]
+        import pandas as pd
+        if pd.api.types.is_numeric_dtype(reference[score_column]):
+            out["prediction"] = numeric_drift(reference[[score_column]].to_numpy(float), current[[score_column]].dropna().to_numpy(float), [score_column], s)[0]
+        else:  # a multi-class model's answers are labels
+            out["prediction"] = categorical_drift(reference[score_column].astype(str), current[score_column].dropna().astype(str), score_column, s)
     return out
 
 # %% ../nbs/11_monitor.ipynb #0014
-def performance(predictions, labels, target: str = "is_fraud", reference_metrics: dict | None = None,
-                max_drop: float = 0.05) -> dict:
-    "ROC AUC and PR AUC of logged predictions joined with labels on `request_id`, against the training holdout's."
-    from sklearn.metrics import roc_auc_score, average_precision_score
-    j = predictions.merge(labels[["request_id", target]], on="request_id", how="inner")
+def _logged_answers(task, df) -> dict:
+    "The answers of the prediction log in the form `tasks.score` takes."
+    if task.kind == "binary": return {"score": df["score"].to_numpy(float), "prediction": df["prediction"].to_numpy(), "positive": task.positive_label}
+    if task.kind == "regression": return {"prediction": df["prediction"].to_numpy(float)}
+    cols = [c for c in df.columns if c.startswith("probabilities.")]
+    return {"prediction": df["prediction"].to_numpy(), "classes": [c[len("probabilities."):] for c in cols] or None,
+            "proba": df[cols].to_numpy(float) if cols and not df[cols].isna().any().any() else None}
+
+def performance(task, predictions, labels, reference: float | None = None, max_drop: float = 0.05) -> dict:
+    "The task's metrics of logged answers joined with labels on `request_id`, and whether the primary metric fell beyond `max_drop` from the holdout's `reference`."
+    from mlnb.tasks import score, worse_by, UNBOUNDED
+    t = task.target
+    j = predictions.drop(columns=[t], errors="ignore").merge(labels[["request_id", t]], on="request_id", how="inner")
     if len(j) == 0: raise ValidationError("no labelled predictions: the labels' request_id values match none of the logged requests")
-    if j[target].nunique() < 2: raise ValidationError(f"the {len(j)} labelled predictions have only one class; ROC AUC needs both")
-    m = {"rows": len(j), "roc_auc": float(roc_auc_score(j[target], j["score"])), "pr_auc": float(average_precision_score(j[target], j["score"]))}
-    if reference_metrics and "roc_auc" in reference_metrics:
-        m["reference_roc_auc"] = float(reference_metrics["roc_auc"])
-        m["roc_auc_drop"] = m["reference_roc_auc"] - m["roc_auc"]
-        m["degraded"] = bool(m["roc_auc_drop"] > max_drop)
+    m = {"rows": len(j), "metric": task.primary, **score(task, j[t], _logged_answers(task, j))}
+    if reference is not None and task.primary in m:
+        m["reference"] = float(reference)
+        m["drop"] = worse_by(task, task.primary, m[task.primary], m["reference"])
+        m["degraded"] = bool(m["drop"] > max_drop)
+        m["drop_is_relative"] = task.primary in UNBOUNDED
     return m
+
+def performance_text(perf: dict) -> str:
+    "One line: the primary metric on the labelled rows, against the holdout's."
+    k = perf["metric"]
+    line = f"{k} on {perf['rows']} labelled: {perf[k]:.4f}" if k in perf else f"{perf['rows']} labelled rows"
+    if "reference" in perf: line += f" (holdout {perf['reference']:.4f}, {'DEGRADED' if perf['degraded'] else 'ok'})"
+    return line
 
 # %% ../nbs/11_monitor.ipynb #0016
 def _plot(ref, cur, name, categorical) -> str:
@@ -185,12 +205,12 @@ def render_html(report: dict, reference, current, categorical: list) -> str:
                f"reference {report['rows_reference']:,} rows, current {report['rows_current']:,} rows"]
     if report.get("model"): summary.insert(0, f"model {e(str(report['model']))} version {report.get('model_version')}")
     if pred: summary.append(f"prediction drift: {'yes' if pred['drifted'] else 'no'} ({pred['test']} {pred['statistic']:.4g})")
-    if perf: summary.append(f"performance on {perf['rows']} labelled requests: ROC AUC {perf['roc_auc']:.4f}" +
-                            (f" (training holdout {perf['reference_roc_auc']:.4f}, {'DEGRADED' if perf.get('degraded') else 'ok'})" if "reference_roc_auc" in perf else ""))
+    if perf: summary.append("performance: " + e(performance_text(perf)))
     plots = "".join(f"<figure>{_plot(reference[c['column']], current[c['column']], c['column'] + (' (drift)' if c['drifted'] else ''), c['kind'] == 'categorical')}</figure>"
                     for c in report["columns"])
-    if pred and "score" in reference and "score" in current:
-        plots = f"<figure>{_plot(reference['score'], current['score'], 'prediction score', False)}</figure>" + plots
+    col = (pred or {}).get("column")
+    if pred and col in reference and col in current:
+        plots = f"<figure>{_plot(reference[col], current[col], 'answers: ' + col, pred['kind'] == 'categorical')}</figure>" + plots
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>mlnb drift report</title><style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}} tr.bad td{{background:#fdecea}} figure{{display:inline-block;margin:4px}}
@@ -257,70 +277,86 @@ def list_incidents(cfg: Config) -> list:
     path = cfg.state / "incidents.json"
     return json.loads(path.read_text()) if path.exists() else []
 
-def retrain_on_window(cfg: Config, current, labels, target: str) -> dict:
-    "Train on the labelled window through the pipeline (its gates decide); returns the run and the champion after it."
-    from mlnb.pipeline import run_pipeline, RunOptions
+def retrain_on_window(cfg: Config, task, current, labels, features: list) -> dict:
+    "Train on the labelled window through the pipeline (its gates decide): the window goes to the stage parameter `source`."
+    from mlnb.pipeline import run_pipeline, RunOptions, discover
     from mlnb import tracking
-    j = current.merge(labels[["request_id", target]], on="request_id", how="inner")
+    takers = [s.name for s in discover(cfg.pipeline_dir).stages.values() if "source" in s.params]
+    if not takers:
+        raise ConfigError("retraining feeds the labelled window to the pipeline through a stage parameter `source` (a data file "
+                          "relative to the project), and no stage has one; add `source = \"\"` to the ingest stage's parameters cell")
+    j = current.drop(columns=[task.target], errors="ignore").merge(labels[["request_id", task.target]], on="request_id", how="inner")
     if len(j) == 0: raise ValidationError("cannot retrain: no logged request has a label")
-    j = j.rename(columns={"request_id": "tx_id"})
+    window = j[[*features, task.target]].copy()
+    if task.id_columns: window.insert(0, task.id_columns[0], j["request_id"].to_numpy())
     rel = Path(cfg.state_dir) / "retrain" / f"window-{time.strftime('%Y%m%d-%H%M%S')}.parquet"
     (cfg.root / rel).parent.mkdir(parents=True, exist_ok=True)
-    feats = [c for c in current.columns if c in j.columns and c not in ("ts", "model_version", "variant", "score", "prediction", "tx_id")]
-    j[["tx_id", *[c for c in feats if c != "tx_id"], target]].to_parquet(cfg.root / rel, index=False)
+    window.to_parquet(cfg.root / rel, index=False)
     from mlnb import audit
-    audit.record(cfg, "retrain.started", {"model": cfg.model_name}, {"data": str(rel), "rows": len(j)})
-    try: rec = run_pipeline(cfg, RunOptions(overrides=[f"source={rel}"]))
+    audit.record(cfg, "retrain.started", {"model": cfg.model_name}, {"data": str(rel), "rows": len(window)})
+    try: rec = run_pipeline(cfg, RunOptions(overrides=[f"{takers[0]}.source={rel}"]))
     except Exception as e:
         audit.record(cfg, "retrain.finished", {"model": cfg.model_name}, {"data": str(rel), "status": "failed", "error": str(e)[:2000]})
         raise
     champion = tracking.model_version_info(cfg, "champion")["version"]
     audit.record(cfg, "retrain.finished", {"model": cfg.model_name, "run": rec["run_id"], "version": champion},
                  {"data": str(rel), "status": rec["status"], "champion": champion})
-    return {"run_id": rec["run_id"], "data": str(rel), "rows": len(j), "champion": champion}
+    return {"run_id": rec["run_id"], "data": str(rel), "rows": len(window), "champion": champion}
+
+def read_labels(path, task):
+    "A labels file: `request_id` and the project's target column (or one other column, taken as the target)."
+    lab = read_table(path)
+    if "request_id" in lab and task.target not in lab:
+        others = [c for c in lab.columns if c != "request_id"]
+        if len(others) == 1: lab = lab.rename(columns={others[0]: task.target})
+    if "request_id" not in lab or task.target not in lab:
+        raise ValidationError(f"labels file {path} needs columns request_id and {task.target} (target in settings.ini); it has {', '.join(map(str, lab.columns))}")
+    return lab
 
 def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, labels=None, out=None, retrain: bool = False) -> dict:
     "Judge the champion's traffic; write and log the report; track incidents; retrain if asked and needed."
     import pandas as pd
     from mlnb import tracking
     from mlnb.errors import NotFound
+    from mlnb.tasks import monitor_column, task_of_version
     info = tracking.model_version_info(cfg, "champion")
     version = info["version"]
+    task = task_of_version(cfg, info["tags"])
     ref_path = tracking.version_artifact_path(cfg, version, "reference.parquet")
     if ref_path is None: raise NotFound(f"version {version} has no reference.parquet; register it through the pipeline's register stage")
     reference = pd.read_parquet(ref_path)
-    features = [c for c in reference.columns if c != "score"]
+    col = monitor_column(task)
+    features = [c for c in reference.columns if c != col]
     categorical = [c for c in features if not pd.api.types.is_numeric_dtype(reference[c])]
     current = load_window(cfg, version, data, log_dir, window)
     s = drift_settings(cfg)
-    rep = detect_drift(reference, current, features, categorical, s)
-    rep.update(model=cfg.model_name, model_version=version, checked_at=time.time())
+    rep = detect_drift(reference, current, features, categorical, s, score_column=col)
+    rep.update(model=cfg.model_name, model_version=version, checked_at=time.time(), task=task.kind)
     lab = None
     if labels:
-        lab = read_table(labels)
-        target = next((c for c in lab.columns if c != "request_id"), None)
-        if "request_id" not in lab or target is None:
-            raise ValidationError(f"labels file {labels} needs columns request_id and the label; it has {', '.join(lab.columns)}")
-        ref_metrics = {"roc_auc": float(info["tags"]["holdout.roc_auc"])} if "holdout.roc_auc" in info["tags"] else None
+        lab = read_labels(labels, task)
         if "request_id" not in current: raise ValidationError("labels are joined on request_id, which the current data does not have")
-        rep["performance"] = performance(current, lab, target, ref_metrics, float(cfg.get("drift_max_auc_drop", 0.05)))
+        ref = info["tags"].get(f"holdout.{task.primary}")
+        max_drop = float(cfg.get("drift_max_drop", cfg.get("drift_max_auc_drop", 0.05)))
+        rep["performance"] = performance(task, current, lab, None if ref is None else float(ref), max_drop)
+    perf = rep.get("performance") or {}
     pred_drift = bool(rep.get("prediction", {}).get("drifted"))
-    alert = bool(rep["dataset_drift"] or (rep.get("performance") or {}).get("degraded"))
+    alert = bool(rep["dataset_drift"] or perf.get("degraded"))
     rep["alert"] = alert
     out = Path(out) if out else cfg.state / "monitor" / time.strftime("%Y%m%d-%H%M%S")
     paths = write_report(rep, reference, current, categorical, out)
     metrics = {"drift_share": rep["drift_share"], "drifted_columns": len(rep["drifted_columns"]), "dataset_drift": float(rep["dataset_drift"]),
                "prediction_drift": float(pred_drift), **{f"drift.{c['column']}": c["statistic"] for c in rep["columns"]},
                **{f"psi.{c['column']}": c["psi"] for c in rep["columns"]}}
-    if rep.get("performance"): metrics.update({f"live_{k}": v for k, v in rep["performance"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    live = {k: v for k, v in perf.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.update({f"live_{k}": v for k, v in live.items()})
     run_id = tracking.log_monitoring(cfg, version, metrics, [paths["html"], paths["json"]])
     from mlnb import audit
     audit.record(cfg, "drift.alert" if alert else "monitor.checked", {"model": cfg.model_name, "version": version, "mlflow_run": run_id},
                  {"dataset_drift": rep["dataset_drift"], "drifted_columns": rep["drifted_columns"], "prediction_drift": pred_drift,
-                  "degraded": bool((rep.get("performance") or {}).get("degraded")), "report": paths["html"],
-                  "live_roc_auc": (rep.get("performance") or {}).get("roc_auc")})
+                  "degraded": bool(perf.get("degraded")), "report": paths["html"], "metric": task.primary, "live": live or None})
     res = {"report": rep, "paths": paths, "alert": alert, "mlflow_run_id": run_id, "incident": _incidents(cfg, alert, version, rep)}
     if alert and retrain:
         if lab is None: raise ConfigError("--retrain needs --labels: the new training data is the labelled window")
-        res["retrain"] = retrain_on_window(cfg, current, lab, target)
+        res["retrain"] = retrain_on_window(cfg, task, current, lab, features)
     return res

@@ -199,7 +199,8 @@ def input_digests(stage: Stage, cfg: Config) -> dict:
     from mlnb.stage import file_digest
     root = cfg.root
     values = cfg.values()
-    out = {f"setting:{k}": str(v) for k, v in sorted(values.items()) if any(fnmatch(k, pat) for pat in stage.settings)}
+    from mlnb.config import DATA_KEYS
+    out = {f"setting:{k}": str(v) for k, v in sorted(values.items()) if k in DATA_KEYS or any(fnmatch(k, pat) for pat in stage.settings)}
     for rel in stage.inputs:
         f = root / rel
         if not f.is_file():

@@ -40,13 +40,19 @@ class RequestChecker:
         from pydantic import create_model, ConfigDict, Field, StrictInt
         self.fields, self.max_batch = fields, max_batch
         defs = {}
-        for name, spec in fields.items():
+        for i, (name, spec) in enumerate(fields.items()):  # column names need not be identifiers: fields by position, aliased
             if "allowed" in spec: typ = Literal[tuple(spec["allowed"])]
             elif spec["dtype"].startswith("int"): typ = StrictInt
+            elif spec["dtype"].startswith("bool"): typ = bool
             else: typ = float
             if spec["nullable"]: typ = Optional[typ]
-            defs[name] = (typ, Field(..., ge=spec.get("ge"), le=spec.get("le")) if "allowed" not in spec else ...)
-        self.model = create_model("Record", __config__=ConfigDict(extra="forbid", strict=False), **defs)
+            limits = {} if "allowed" in spec else {"ge": spec.get("ge"), "le": spec.get("le")}
+            defs[f"f{i}"] = (typ, Field(..., alias=name, **limits))
+        self.model = create_model("Record", __config__=ConfigDict(extra="forbid", strict=False, populate_by_name=False), **defs)
+
+    def schema(self) -> dict:
+        "The JSON schema of one record (field names as the contract spells them)."
+        return self.model.model_json_schema(by_alias=True)
 
     def _message(self, i, err) -> str:
         where = f"record {i}: " if i is not None else ""
@@ -75,7 +81,7 @@ class RequestChecker:
         for i, r in enumerate(records):
             if not isinstance(r, dict):
                 problems.append(f"record {i}: expected a JSON object of fields, got {type(r).__name__}"); continue
-            try: out.append(self.model.model_validate(r).model_dump())
+            try: out.append(self.model.model_validate(r).model_dump(by_alias=True))
             except PydanticError as e:
                 problems += [self._message(None if single else i, err) for err in e.errors()]
         if problems: raise BadRequest(422, "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
@@ -195,16 +201,16 @@ def _settings() -> dict:
 
 class Batcher:
     "Adaptive batching without waiting: everything queued when the model thread is free goes into one call."
-    def __init__(self, columns: list, max_rows: int = 256):
+    def __init__(self, columns: list, task, max_rows: int = 256):
         import asyncio
         from concurrent.futures import ThreadPoolExecutor
-        self.columns, self.max_rows = columns, max_rows
+        self.columns, self.task, self.max_rows = columns, task, max_rows
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlnb-model")
         self.queue: asyncio.Queue | None = None
         self.batches = self.rows = 0
 
     async def predict(self, model, records: list):
-        "Scores (positive-class probabilities) of `records` from `model`."
+        "The task's answers to `records` from `model`, one dict each."
         import asyncio
         if self.queue is None:
             self.queue = asyncio.Queue()
@@ -215,7 +221,8 @@ class Batcher:
 
     def _score(self, model, records):
         import pandas as pd
-        return model.predict_proba(pd.DataFrame.from_records(records, columns=self.columns))[:, 1]
+        from mlnb.tasks import answers
+        return answers(self.task, model, pd.DataFrame.from_records(records, columns=self.columns))
 
     async def _run(self):
         import asyncio
@@ -245,7 +252,10 @@ def create_app(settings: dict, model, version: int):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-    app = FastAPI(title=f"mlnb: {settings['model_name']}", docs_url="/docs")
+    from mlnb.tasks import Task
+    task = Task.from_dict(settings["task"])
+    app = FastAPI(title=f"mlnb: {settings['model_name']}", docs_url="/docs",
+                  description=f"A {task.kind} model of `{task.target}`, version {settings['version']} of `{settings['model_name']}`, served by mlnb.")
     checker = RequestChecker(settings["fields"], int(settings.get("max_batch") or 1000))
     models = Models(settings, model, version)
     log = PredictionLog(settings.get("prediction_log"))
@@ -256,24 +266,33 @@ def create_app(settings: dict, model, version: int):
     async def bad_request(request, exc: BadRequest):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
-    batcher = Batcher(columns)
+    batcher = Batcher(columns, task)
     app.state.batcher = batcher
 
     async def score(request: Request):
         records, single = checker.check(await request.body())
         variant, version, mdl = models.pick()
-        proba = await batcher.predict(mdl, records)
+        preds = await batcher.predict(mdl, records)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         now = time.time()
-        preds = [{"score": float(p), "prediction": int(p >= 0.5)} for p in proba]
         log.add([{"request_id": rid if single else f"{rid}:{i}", "ts": now, "model_version": version, "variant": variant,
                   "features": r, **pr} for i, (r, pr) in enumerate(zip(records, preds))])
         body = {**preds[0], "request_id": rid} if single else {"predictions": preds, "request_id": rid}
         return JSONResponse({**body, "model": settings["model_name"], "model_version": version, "variant": variant},
                             headers={"x-request-id": rid, "x-model-version": str(version)})
 
-    app.post("/predict")(score)
-    app.post("/predict/batch")(score)
+    record_schema = checker.schema()
+    example = settings.get("example") or {}
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"oneOf": [record_schema, {"type": "array", "items": record_schema, "maxItems": checker.max_batch}]},
+        "example": example}}}}
+    answer_doc = {"binary": "`score` (probability of the positive label) and `prediction` (the label at the threshold)",
+                  "multiclass": "`prediction` (the most likely label) and `probabilities` (of each label)",
+                  "regression": "`prediction` (a number)"}[task.kind]
+    for path in ("/predict", "/predict/batch"):
+        app.post(path, openapi_extra=body_doc, summary="Answer one record (a JSON object) or a list of records",
+                 description=f"Each answer has {answer_doc}, with the model version, the variant (champion or challenger) and a request id. "
+                             "A record the contract refuses gets a 422 naming the field and what is accepted.")(score)
 
     @app.get("/metadata")
     async def metadata():
@@ -282,6 +301,7 @@ def create_app(settings: dict, model, version: int):
         return {"model": settings["model_name"], "version": v, "built_version": settings["version"], "bento": settings.get("bento"),
                 **lineage, "challenger": models.challenger[0] if models.challenger else None, "canary_share": models.canary,
                 "switches": models.switches, "batching": {"batches": batcher.batches, "rows": batcher.rows}, "fields": settings["fields"],
+                "task": settings["task"], "example": settings.get("example"),
                 "model_card": "/card" if card.exists() else None,
                 "lineage": "every response carries x-request-id and x-model-version; `mlnb lineage REQUEST_ID` (or VERSION) "
                            "follows them to the pipeline run, its executed notebooks, the data digest and the git commit"}
@@ -353,8 +373,17 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
     if ctx.exists(): shutil.rmtree(ctx)
     shutil.copytree(Path(__file__).parent, ctx / "mlnb", ignore=shutil.ignore_patterns("__pycache__"))
     extra = cfg.extra
+    from mlnb.tasks import task_of
+    fields = contract_fields(contract)
+    example = None
+    ref_path = tracking.version_artifact_path(cfg, info["version"], "reference.parquet")
+    if ref_path is not None:
+        import pandas as pd
+        row = pd.read_parquet(ref_path, columns=list(fields)).head(1)
+        example = json.loads(row.to_json(orient="records"))[0] if len(row) else None
     settings = {"model_name": cfg.model_name, "version": info["version"], "bento_model": str(bm.tag), "service_name": safe,
-                "fields": contract_fields(contract), "contract_yaml": contract, "tracking_uri": cfg.tracking_uri,
+                "task": task_of(cfg).to_dict(), "example": example,
+                "fields": fields, "contract_yaml": contract, "tracking_uri": cfg.tracking_uri,
                 "canary_share": float(extra.get("canary_share") or 0), "reload_interval": float(extra.get("reload_interval") or 2),
                 "prediction_log": str(cfg.prediction_log_dir.resolve()),
                 "max_batch": int(extra.get("max_batch") or 1000), "workers": int(extra.get("serve_workers") or 1),

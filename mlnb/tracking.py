@@ -13,8 +13,8 @@ from .audit import actor, record as audit_record
 # %% auto #0
 __all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'register_model',
            'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
-           'version_artifact', 'log_version_artifacts', 'log_monitoring', 'load_model_path', 'read_aliases',
-           'version_tags', 'model_version_info']
+           'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring', 'load_model_path',
+           'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -88,11 +88,15 @@ def _stage_tags(rec: dict, name: str, st: dict, parent: str) -> dict:
     if st.get("source_run"): tags["mlnb.source_run_id"] = st["source_run"]
     return tags
 
+def _metric_name(k: str) -> str:
+    "MLflow accepts letters, digits, `_ - . : /` and spaces in a metric name; anything else (from a column name) becomes `_`."
+    return "".join(c if c.isalnum() or c in "_-.:/ " else "_" for c in str(k))
+
 def _log(client, run_id: str, params: dict = {}, metrics: dict = {}, tags: dict = {}, ts: int | None = None):
     from mlflow.entities import Param, Metric, RunTag
     ts = ts or int(time.time() * 1000)
     ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+    ms = [Metric(_metric_name(k), float(v), ts, 0) for k, v in metrics.items()]
     tg = [RunTag(k, str(v)) for k, v in tags.items()]
     for i in range(0, max(len(ps), len(ms), len(tg), 1), 100):
         client.log_batch(run_id, metrics=ms[i:i + 100], params=ps[i:i + 100], tags=tg[i:i + 100])
@@ -334,6 +338,13 @@ def version_artifact_path(cfg: Config, version, path: str, name: str | None = No
         import tempfile
         try: return Path(client.download_artifacts(mv.run_id, path, tempfile.mkdtemp()))
         except Exception: return None  # MLflow raises several kinds for a missing artifact
+
+def version_holdout(cfg: Config, version, name: str | None = None):
+    "The holdout a version was evaluated on (its `holdout.parquet` artifact) as a DataFrame, or None."
+    local = version_artifact_path(cfg, version, "holdout.parquet", name)
+    if local is None: return None
+    import pandas as pd
+    return pd.read_parquet(local)
 
 def version_artifact(cfg: Config, version, path: str, name: str | None = None) -> str | None:
     "The text of an artifact logged beside a version's model (e.g. `contract.yaml`), or None."

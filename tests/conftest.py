@@ -73,3 +73,38 @@ def chain(project):
               "from mlnb import stage\nx = stage.load('nums')['n'] * factor\nstage.save('doubled', {'x': x})")
     add_stage(project, "c", "upstream = ['b']", "from mlnb import stage\nstage.save('out', {'y': stage.load('doubled')['x'] + 1})")
     return project
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+class Served:
+    "A `mlnb serve` of a bento on a free port of 127.0.0.1, waited for until ready; stopped by `stop()`."
+    def __init__(self, project, tag, env=None, timeout=120):
+        import httpx, time
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        e = {**os.environ, **(env or {})}
+        e.pop("MLNB_PROJECT", None)
+        self.proc = subprocess.Popen([*MLNB, "--project", str(project), "serve", tag, "--port", str(self.port)], env=e,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200: break
+            except httpx.HTTPError: pass
+            if self.proc.poll() is not None: raise RuntimeError(self.proc.stdout.read())
+            time.sleep(0.5)
+        else:
+            self.stop(); raise RuntimeError("service did not become ready")
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def stop(self):
+        import signal
+        try: os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError: return
+        try: self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL)

@@ -77,19 +77,21 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
             except httpx.HTTPError: time.sleep(0.5)
         # production traffic like the training data: no drift, exit 0
-        run_mlnb(d, "simulate", "--url", url, "--rows", "600", "--seed", "500", check=0)
+        def rows(n, seed, drift=0.0):  # production-like traffic from the reference example's generator, as a user's file
+            f = tmp_path / f"traffic-{seed}.parquet"; generate_transactions(n, seed=seed, drift=drift).to_parquet(f); return str(f)
+        run_mlnb(d, "simulate", "--url", url, "--rows", "600", "--data", rows(600, 500), check=0)
         time.sleep(1.5)  # the prediction log flushes every half second
         calm = run_mlnb(d, "monitor", "--json", check=0)
         assert json.loads(calm.stdout)["alert"] is False
         # drifted traffic, then its labels: drift detected (exit 3), an incident opens, and --retrain trains a new champion
-        run_mlnb(d, "simulate", "--url", url, "--rows", "3000", "--seed", "501", "--drift", "0.9", "--labels", str(d / "labels.jsonl"), check=0)
+        run_mlnb(d, "simulate", "--url", url, "--rows", "3000", "--data", rows(3000, 501, 0.9), "--labels", str(d / "labels.jsonl"), check=0)
         time.sleep(1.5)
         p = run_mlnb(d, "monitor", "--window", "3000", "--labels", str(d / "labels.jsonl"), "--retrain", "--json", timeout=900)
         assert p.returncode == 3, p.stderr
         res = json.loads(p.stdout)
         assert res["report"]["dataset_drift"] and res["incident"]["status"] == "open"
         assert Path(res["paths"]["html"]).exists() and "<svg" in Path(res["paths"]["html"]).read_text()
-        assert res["report"]["performance"]["rows"] > 2000
+        assert res["report"]["performance"]["rows"] > 2000 and res["report"]["performance"]["metric"] == "roc_auc"
         assert res["retrain"]["champion"] == 2, res["retrain"]
         # the running service follows the new champion
         deadline = time.time() + 30
@@ -97,7 +99,7 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
         r = httpx.post(url + "/predict", json=generate_transactions(1, seed=9, drift=0.9)[FEATURES].to_dict("records")[0])
         assert r.json()["model_version"] == 2
         # traffic like the new champion's training data: no drift, and the incident closes
-        run_mlnb(d, "simulate", "--url", url, "--rows", "800", "--seed", "502", "--drift", "0.9", check=0)
+        run_mlnb(d, "simulate", "--url", url, "--rows", "800", "--data", rows(800, 502, 0.9), check=0)
         time.sleep(1.5)
         p = run_mlnb(d, "monitor", "--json", check=0)
         res = json.loads(p.stdout)
@@ -111,8 +113,8 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
         assert first["change"].startswith("commit ") and first["lead_time_s"] > 0  # v1: from the project's first commit
         assert second["change"] == "new data or parameters (same code)" and 0 < second["lead_time_s"] < 900  # v2: the retraining run
         assert m["incidents"]["count"] == 1 and m["incidents"]["open"] == 0 and m["incidents"]["mean_time_to_resolve_s"] > 0
-        assert [a["version"] for a in m["accuracy"]] == [1, 2] and all(a["roc_auc"] > 0.5 for a in m["accuracy"])
-        assert m["accuracy"][0]["live_roc_auc"] is not None  # the labelled check of v1's drifted traffic
+        assert [a["version"] for a in m["accuracy"]] == [1, 2] and all(a["metric"] == "roc_auc" and a["holdout"] > 0.5 for a in m["accuracy"])
+        assert m["accuracy"][0]["live"] is not None  # the labelled check of v1's drifted traffic
         page = Path(rep["paths"]["html"]).read_text()
         assert page.count("<svg") == 4 and "change failure rate" in page
         kinds = {e["kind"] for e in run_json(d, "audit")}

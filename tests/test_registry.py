@@ -132,5 +132,5 @@ def test_policy_refusals_are_explained_and_audited(project):
     assert "mallory" in text and "may not roll back by hand" in text
     # a policy that names a gate that does not exist is a configuration error that says which gates there are
     p = run_mlnb(project, "promote", str(new), "-m", "x", env={"MLNB_POLICY_REQUIRED_GATES": "min_auc"}, check=1)
-    assert "policy_required_gates names unknown gate(s) min_auc; gates: min_roc_auc, min_pr_auc, no_regression" in p.stderr
+    assert "policy_required_gates names unknown gate(s) min_auc (did you mean min_roc_auc?); gates: min_roc_auc, min_pr_auc, min_f1" in p.stderr
     assert run_mlnb(project, "audit", "verify", check=0).stdout.rstrip().endswith("chain intact")
