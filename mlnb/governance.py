@@ -341,7 +341,10 @@ def delivery_metrics(cfg: Config, now: float | None = None) -> dict:
                   "time_to_resolve_s": closed[i]["ts"] - o["ts"] if i in closed else None} for i, o in opened.items()]
     ttr = [i["time_to_resolve_s"] for i in incidents if i["time_to_resolve_s"] is not None]
     from mlnb.tasks import task_of
-    primary = task_of(cfg).primary
+    primary = next((x["tags"]["mlnb.primary_metric"] for x in versions.values() if x["tags"].get("mlnb.primary_metric")), None)
+    if primary is None:
+        try: primary = task_of(cfg).primary
+        except ConfigError: primary = "roc_auc"  # no version and no task declared yet: nothing to measure
     live = {}
     for e in evs:
         if e["kind"] in ("monitor.checked", "drift.alert") and (e["data"].get("live") or {}).get(primary) is not None:

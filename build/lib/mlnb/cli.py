@@ -329,17 +329,17 @@ def serve(ctx, tag, host, port):
 # %% ../nbs/20_cli.ipynb #0017
 DRIFT_EXIT = 3
 
-def _perturb(df, features: list, drift: float, seed: int):
-    "Rows shifted away from the training data: numbers moved up by `drift` standard deviations and spread upwards (so they stay above their minimum), categories skewed to one value."
+def _perturb(df, fields: dict, drift: float, seed: int):
+    "Rows shifted away from the training data, inside the contract `fields`: numbers moved up by `drift` standard deviations and spread upwards, categories skewed to one value."
     import numpy as np, pandas as pd
     rng, out = np.random.default_rng(seed), df.copy()
-    for c in features:
+    for c, spec in fields.items():
         s = out[c]
         if pd.api.types.is_bool_dtype(s): continue
         if pd.api.types.is_numeric_dtype(s):
             sd = float(s.std()) or 1.0
-            moved = s + drift * sd + (s - s.min()) * drift / 2
-            out[c] = (np.round(moved).astype(s.dtype) if pd.api.types.is_integer_dtype(s) else moved.astype(float))
+            moved = (s + drift * sd + (s - s.min()) * drift / 2).clip(spec.get("ge"), spec.get("le"))  # traffic the service accepts
+            out[c] = (np.floor(moved).astype(s.dtype) if pd.api.types.is_integer_dtype(s) else moved.astype(float))
         else:
             top = s.value_counts().index[-1] if s.nunique() > 1 else s.iloc[0]
             flip = rng.random(len(s)) < drift / 2
@@ -372,12 +372,13 @@ def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
         if source is None: raise MlnbError(f"version {info['version']} has no holdout.parquet to send rows from; pass --data FILE")
     contract = tracking.version_artifact(cfg, info["version"], "contract.yaml")
     from mlnb.serving import contract_fields
-    features = list(contract_fields(contract)) if contract else task.feature_columns(source)
+    fields = contract_fields(contract) if contract else {c: {} for c in task.feature_columns(source)}
+    features = list(fields)
     missing = [c for c in features if c not in source]
     if missing: raise ValidationError(f"the rows to send lack the model's feature(s) {', '.join(missing)}")
     if labels_out and task.target not in source: raise ValidationError(f"--labels needs the target column {task.target} in the rows to send")
     df = source.sample(rows, replace=len(source) < rows, random_state=seed).reset_index(drop=True)
-    df = _perturb(df, features, drift, seed) if drift else df
+    df = _perturb(df, fields, drift, seed) if drift else df
     recs = json.loads(df[features].to_json(orient="records"))
     import secrets
     batch = secrets.token_hex(3)  # request ids unique across simulations, so labels join with this batch only
