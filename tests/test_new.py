@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 def installed(tmp_path_factory):
     "mlnb as a user installs it: the wheel built from this repository, unpacked on its own path (its dependencies from the environment)."
     d = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(d), str(ROOT)], check=True, capture_output=True)
+    src = d / "src"  # build from a copy: building in the checkout would leave build/ behind in it
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", ".mlnb", "build", "*.egg-info", "__pycache__", "nbs"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(d), str(src)], check=True, capture_output=True)
     wheel = next(d.glob("mlnb-*.whl"))
     site = d / "site"
     with zipfile.ZipFile(wheel) as z: z.extractall(site)
