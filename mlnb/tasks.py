@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_tasks.ipynb #0002
 from __future__ import annotations
-import difflib
+import difflib, re
 from dataclasses import dataclass, asdict
 from .config import Config
 from .errors import ConfigError, ValidationError
@@ -77,8 +77,17 @@ class Task:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 # %% ../nbs/06_tasks.ipynb #0006
+# what people write for a metric -> its name here ("auc" is ROC AUC in scikit-learn, MLflow and most papers)
+_SAID = {"auc": "roc_auc", "rocauc": "roc_auc", "auroc": "roc_auc", "ap": "pr_auc", "average_precision": "pr_auc",
+         "auprc": "pr_auc", "mse": "rmse", "logloss": "log_loss", "brier_score": "brier", "f1_score": "f1"}
+
 def _closest(word: str, options) -> str:
-    near = difflib.get_close_matches(word, list(options), n=1)
+    "' (did you mean X?)' for the option nearest to `word`: a common name for a metric first, then spelling."
+    options = list(options)
+    for said, meant in _SAID.items():
+        guess = re.sub(rf"(^|_){said}($|_)", rf"\g<1>{meant}\g<2>", word)
+        if guess != word and guess in options: return f" (did you mean {guess}?)"
+    near = difflib.get_close_matches(word, options, n=1)
     return f" (did you mean {near[0]}?)" if near else ""
 
 def task_of(cfg: Config | dict) -> Task:
