@@ -90,7 +90,7 @@ def main():
                        LogisticRegression(max_iter=1000, class_weight="balanced")).fit(train[FEATURES], train[TARGET])
     contract = tracking.version_artifact(cfg, 1, "contract.yaml")
     lr_cfg = replace(cfg, model_name="fraud-detector-lr")
-    v = tracking.register_model(lr, train[FEATURES], name=lr_cfg.model_name, artifacts={"contract.yaml": contract}, cfg=lr_cfg)
+    v = tracking.register_model(lr, train[FEATURES], name=lr_cfg.model_name, artifacts={"contract.yaml": contract}, cfg=lr_cfg, interactive=True)
     tracking.set_alias(lr_cfg, "champion", v["version"], "benchmark baseline", kind="promote")
     BODY = json.dumps(train[FEATURES].iloc[0].to_dict())
     concs = [int(c) for c in a.concurrency.split(",")]

@@ -10,7 +10,7 @@ from .config import Config
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['GENESIS', 'AuditError', 'actor', 'log_path', 'record', 'events', 'verify']
+__all__ = ['GENESIS', 'AuditError', 'actor', 'log_path', 'record', 'events', 'verify', 'check_log']
 
 # %% ../nbs/02_audit.ipynb #0005
 GENESIS = "0" * 64
@@ -31,6 +31,14 @@ def log_path(cfg: Config | Path | str) -> Path:
 _SCHEMA = """CREATE TABLE IF NOT EXISTS events (pos INTEGER PRIMARY KEY, seq INTEGER NOT NULL, ts REAL NOT NULL, actor TEXT NOT NULL,
 kind TEXT NOT NULL, refs TEXT NOT NULL, data TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)"""
 
+def _unreadable(path: Path, e: sqlite3.Error) -> AuditError:
+    "The error for a log SQLite cannot read: what is wrong with it, and what to do."
+    said = " ".join(str(e).split())  # SQLite's integrity reports span lines
+    why = ("is not a SQLite database (the file is corrupt or was overwritten)" if "not a database" in said else
+           f"is corrupt ({said})" if "malformed" in said else f"cannot be read ({said})")
+    return AuditError(f"audit log {path} {why}; it can be neither checked nor appended to: keep it as evidence, move it aside "
+                      f"together with {_head_path(path).name} (e.g. add .corrupt to both names), and `mlnb audit verify` starts a new log")
+
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(50):
@@ -42,8 +50,9 @@ def _connect(path: Path) -> sqlite3.Connection:
             con.execute(_SCHEMA)
             return con
         except sqlite3.OperationalError as e:  # first use by several processes at once: switching to WAL needs a moment alone
-            if "locked" not in str(e) and "busy" not in str(e): raise AuditError(f"cannot open the audit log {path}: {e}") from None
+            if "locked" not in str(e) and "busy" not in str(e): raise _unreadable(path, e) from None
             time.sleep(0.02 * (attempt + 1))
+        except sqlite3.DatabaseError as e: raise _unreadable(path, e) from None
     raise AuditError(f"the audit log {path} stayed locked; another process holds it")
 
 def _canon(obj) -> str: return json.dumps(obj or {}, sort_keys=True, separators=(",", ":"), default=str)
@@ -67,7 +76,9 @@ def _handles(path: Path):
     if key not in _OPEN:
         import threading
         con = _connect(path)
-        head = os.open(_head_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        try: head = os.open(_head_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            con.close(); raise AuditError(f"cannot open the audit log's head file {_head_path(path)}: {e.strerror}") from None
         _OPEN[key] = (con, head, threading.Lock())
     return _OPEN[key]
 
@@ -97,25 +108,31 @@ def record(cfg: Config | Path | str,  # the project (or the audit database itsel
         except sqlite3.Error as e:
             try: con.execute("ROLLBACK")
             except sqlite3.Error: pass
-            raise AuditError(f"cannot append to the audit log {path}: {e}") from None
+            if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+                raise AuditError(f"cannot append to the audit log {path}: {e}") from None
+            raise _unreadable(path, e) from None
     return {"seq": seq, "ts": ts, "actor": who, "kind": kind, "refs": json.loads(refs_s), "data": json.loads(data_s), "hash": h}
 
 def _rows(path: Path) -> list:
     if not path.exists(): return []
     con = _connect(path)
     try: return con.execute("SELECT pos, seq, ts, actor, kind, refs, data, prev, hash FROM events ORDER BY pos").fetchall()
+    except sqlite3.DatabaseError as e: raise _unreadable(path, e) from None
     finally: con.close()
 
-def _event(r) -> dict:
-    return {"seq": r[1], "ts": r[2], "actor": r[3], "kind": r[4], "refs": json.loads(r[5]), "data": json.loads(r[6]), "hash": r[8]}
+def _event(r, path: Path) -> dict:
+    try: return {"seq": r[1], "ts": r[2], "actor": r[3], "kind": r[4], "refs": json.loads(r[5]), "data": json.loads(r[6]), "hash": r[8]}
+    except (TypeError, ValueError):
+        raise AuditError(f"event {r[1]} of the audit log {path} cannot be read (its refs or data are not JSON): it was edited; "
+                         "`mlnb audit verify` names every changed event") from None
 
 # %% ../nbs/02_audit.ipynb #0008
 def events(cfg: Config | Path | str, kind: str | None = None, refs: dict | None = None, who: str | None = None,
            since: float | None = None, limit: int | None = None) -> list:
     "Events of the log, oldest first, filtered."
-    out = []
-    for r in _rows(log_path(cfg)):
-        e = _event(r)
+    out, path = [], log_path(cfg)
+    for r in _rows(path):
+        e = _event(r, path)
         if kind and not (e["kind"] == kind or e["kind"].startswith(kind.rstrip(".") + ".")): continue
         if refs and any(e["refs"].get(k) != str(v) for k, v in refs.items()): continue
         if who and e["actor"] != who: continue
@@ -153,5 +170,25 @@ def verify(cfg: Config | Path | str) -> dict:
     elif head and head["seq"] in by_seq and by_seq[head["seq"]][8] != head["hash"]:
         bad(head["seq"], "edited", f"event {head['seq']} differs from the chain's head record: the log was rewritten from some point on")
     if rows and head is None: bad(high, "deleted", "the chain's head record is missing")
+    if rows:
+        con = _connect(path)
+        try: check = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as e: check = [str(e)]
+        finally: con.close()
+        if check != ["ok"]: bad(high, "corrupt", f"the database file is damaged: {'; '.join(check[:3])}")
     problems.sort(key=lambda p: p["seq"])
     return {"ok": not problems, "events": len(rows), "path": str(path), "head": head, "problems": problems}
+
+# %% ../nbs/02_audit.ipynb #0101
+def check_log(cfg: Config | Path | str) -> Path:
+    "Raise `AuditError` unless the audit log can be read and appended to (a log that does not exist yet is fine)."
+    path = log_path(cfg)
+    if path.exists():
+        con = _connect(path)
+        try:
+            con.execute("SELECT seq, hash FROM events ORDER BY pos DESC LIMIT 1").fetchone()
+            damage = con.execute("PRAGMA quick_check(1)").fetchone()[0]  # every page, without the slower index checks
+        except sqlite3.DatabaseError as e: raise _unreadable(path, e) from None
+        finally: con.close()
+        if damage != "ok": raise _unreadable(path, sqlite3.DatabaseError(f"database disk image is malformed: {damage}"))
+    return path

@@ -11,9 +11,9 @@ from . import __version__
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['DRIFT_EXIT', 'main', 'run', 'status', 'show', 'inspect', 'sync', 'models', 'promote', 'rollback', 'contract',
-           'contract_infer', 'contract_check', 'build', 'serve', 'simulate', 'monitor', 'audit', 'audit_verify',
-           'lineage', 'card', 'reproduce', 'report', 'new']
+__all__ = ['DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync', 'models', 'promote', 'rollback',
+           'contract', 'contract_infer', 'contract_check', 'build', 'serve', 'simulate', 'monitor', 'audit',
+           'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -31,9 +31,21 @@ class _Group(click.Group):
             if "-v" in argv or "--verbose" in argv: traceback.print_exc()
             click.echo(f"mlnb: error: {e}", err=True); sys.exit(e.exit_code)
 
+def check_settings(cfg):
+    "What loading cannot check alone, before any command acts: the gates and policy against the task, and the audit log."
+    from mlnb.audit import check_log
+    from mlnb.config import DATA_KEYS
+    declared = [k for k, v in cfg.extra.items() if str(v).strip() and (k.startswith("gate_") or k == "policy_required_gates"
+                                                                        or (k in DATA_KEYS and k != "contract"))]
+    if declared:  # a project with an ML task (a pipeline of plain stages declares none)
+        from mlnb.gates import check_gate_settings
+        check_gate_settings(cfg)
+    check_log(cfg)
+    return cfg
+
 def _cfg(ctx):
     from mlnb.config import load_config
-    return load_config(ctx.find_root().params.get("project"))
+    return check_settings(load_config(ctx.find_root().params.get("project")))
 
 def _out(data, as_json: bool, text: str):
     click.echo(json.dumps(data, indent=1, default=str) if as_json else text)
@@ -53,10 +65,14 @@ def _progress(console):
     def on_event(e):
         if "stage" not in e:
             return
+        if e["status"] == "note":  # e.g. why cached products were not reused
+            from rich.markup import escape
+            console.print(f"  {e['stage']:<14} [yellow]! {escape(e['message'])}[/]", highlight=False, soft_wrap=True); return
         mark = _MARK.get(e["status"])
         if not mark: return
         extra = f"{e['duration']:.2f}s" if e["status"] in ("done", "failed", "cached") and e.get("duration") is not None else ""
         if e["status"] in ("cached", "stale"): extra = f"from run {e.get('source_run')}"
+        if e.get("earlier_attempt"): extra = f"in attempt {e.get('in_attempt')} of this run"
         console.print(f"  {e['stage']:<14} {mark} {extra}", highlight=False, soft_wrap=True)
     return on_event
 
@@ -89,7 +105,10 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, a
             try: _write_artifacts(cfg, load_run(cfg, "latest"), Path(artifacts))
             except MlnbError: pass  # no run was started: nothing to keep
     n = {k: sum(s["status"] == k for s in rec["stages"].values()) for k in ("done", "cached")}
-    console.print(f"run {rec['run_id']} done: {n['done']} ran, {n['cached']} reused in {time.time() - t0:.2f}s; "
+    attempt = rec.get("attempt", 1)
+    before = sum(s["status"] == "done" and s.get("in_attempt", attempt) < attempt for s in rec["stages"].values())
+    ran = f"{n['done'] - before} ran in this attempt, {before} before it" if attempt > 1 else f"{n['done']} ran"
+    console.print(f"run {rec['run_id']} done: {ran}, {n['cached']} reused in {time.time() - t0:.2f}s; "
                   f"executed notebooks in {cfg.state_dir}/runs/{rec['run_id']}/notebooks", highlight=False, soft_wrap=True)
     fate = _model_fate(rec)
     if fate: console.print(fate, highlight=False, soft_wrap=True)
@@ -108,6 +127,11 @@ def _model_fate(rec: dict) -> str | None:
     if not d: return None
     line = f"model v{d['version']}: " + {"promoted": "champion", "challenger": "challenger", "blocked": "blocked by its gates"}.get(d["action"], d["action"])
     if d.get("policy_refusals"): line += " (champion refused by policy: " + "; ".join(d["policy_refusals"]) + ")"
+    if (_product(rec, "model_version") or {}).get("reused"): line += "; the same model as an earlier run registered, so no new version"
+    ev = d.get("event") or {}
+    if d["action"] == "promoted" and ev.get("from") is not None and ev.get("to") is not None and ev["to"] < ev["from"]:
+        line += (f"\nwarning: the champion moved back from v{ev['from']} to the older v{ev['to']} (this run made v{ev['to']}'s model "
+                 f"again and it passed every gate); `mlnb rollback -m WHY` moves it forward again")
     return line
 
 def _gate_table(report: dict) -> list:
@@ -381,16 +405,19 @@ def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
     df = _perturb(df, fields, drift, seed) if drift else df
     recs = json.loads(df[features].to_json(orient="records"))
     import secrets
-    batch = secrets.token_hex(3)  # request ids unique across simulations, so labels join with this batch only
-    ids = [f"sim-{batch}-{i}" for i in range(rows)]
+    batch = secrets.token_hex(3)
     click.echo(f"sending {rows} rows to {url} ...", err=True)
     with httpx.Client(base_url=url, timeout=30) as client:
         try: client.get("/readyz")
         except httpx.HTTPError as e: raise MlnbError(f"no service at {url} ({e}); start one with `mlnb serve`") from None
-        def send(i): return client.post("/predict", json=recs[i], headers={"x-request-id": ids[i]}).status_code
-        with ThreadPoolExecutor(concurrency) as ex: codes = list(ex.map(send, range(rows)))
+        def send(i):  # our own id goes along as the client's; the id the service returns names the prediction (as a real caller keeps it)
+            r = client.post("/predict", json=recs[i], headers={"x-request-id": f"sim-{batch}-{i}"})
+            return r.status_code, r.headers.get("x-request-id")
+        with ThreadPoolExecutor(concurrency) as ex: answers = list(ex.map(send, range(rows)))
+    codes = [c for c, _ in answers]
     if labels_out:
-        df.assign(request_id=ids)[["request_id", task.target]].to_json(labels_out, orient="records", lines=True)
+        ok = [i for i, (c, rid) in enumerate(answers) if c == 200 and rid]
+        df.iloc[ok].assign(request_id=[answers[i][1] for i in ok])[["request_id", task.target]].to_json(labels_out, orient="records", lines=True)
     bad = sum(c != 200 for c in codes)
     click.echo(f"sent {rows} requests (drift {drift}): {rows - bad} answered, {bad} refused" + (f"; labels in {labels_out}" if labels_out else ""), err=True)
     if bad == rows: raise MlnbError(f"the service at {url} refused every request: it serves another model, or the rows do not fit its contract")
@@ -519,7 +546,8 @@ def report(ctx, out, as_json):
     from mlnb.governance import write_delivery_report, _dur
     res = write_delivery_report(_cfg(ctx), out)
     m = res["metrics"]; d, inc = m["deployments"], m["incidents"]
-    text = [f"model {m['model']}: {d['count']} deployments ({d['promotions']} promotions, {d['rollbacks']} rollbacks; {d['per_week']:.2f} per week)",
+    text = [f"model {m['model']}: {d['count']} deployments ({d['promotions']} promotions, {d['rollbacks']} rollbacks; "
+            + (f"{d['per_week']:.2f} per week)" if d['per_week'] is not None else f"in {_dur(d['span_days'] * 86400)}: too short a history for a weekly rate)"),
             f"  lead time (median) {_dur(m['lead_time']['median_s'])}; change failure rate "
             + ("-" if m["change_failure_rate"] is None else f"{m['change_failure_rate']:.0%}"),
             f"  drift incidents {inc['count']} ({inc['open']} open); mean time to resolve {_dur(inc['mean_time_to_resolve_s'])}",

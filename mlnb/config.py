@@ -4,18 +4,21 @@
 
 # %% ../nbs/01_config.ipynb #0002
 from __future__ import annotations
-import configparser, os
+import configparser, math, os, re
 from dataclasses import dataclass, field, fields, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'DATA_KEYS', 'Config', 'find_project', 'load_config']
+__all__ = ['ENV_PREFIX', 'DATA_KEYS', 'SETTINGS', 'ENVIRONMENT', 'Config', 'Setting', 'setting_of', 'describe', 'check_setting',
+           'find_project', 'load_config']
 
 # %% ../nbs/01_config.ipynb #0005
 ENV_PREFIX = "MLNB_"
 # the project's data declaration: every stage's cache key includes these (a change of task or target reruns what reads them)
 DATA_KEYS = ("task", "target", "features", "id_columns", "sensitive", "positive_label", "threshold", "primary_metric", "contract")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 @dataclass(frozen=True)
 class Config:
@@ -45,8 +48,8 @@ class Config:
     def flag(self, key, default: bool = False) -> bool:
         "A true/false key of `[mlnb]`; anything else is a `ConfigError` that says what is accepted."
         v = str(self.extra.get(key, default)).strip().lower()
-        if v in ("true", "1", "yes", "on"): return True
-        if v in ("false", "0", "no", "off", ""): return False
+        if v in _TRUE: return True
+        if v in _FALSE: return False
         raise ConfigError(f"{key} = {v!r}; accepted: true, false")
 
     def values(self) -> dict:
@@ -57,16 +60,164 @@ class Config:
     def prediction_log_dir(self) -> Path: return self.root / self.extra.get("prediction_log", f"{self.state_dir}/predictions")
 
 # %% ../nbs/01_config.ipynb #0007
-def _coerce(key, raw, typ, source):
-    try:
-        if typ is int: return int(raw)
-        if typ is float: return float(raw)
-    except ValueError:
-        raise ConfigError(f"{source}: {key} = {raw!r} is not a{'n integer' if typ is int else ' number'}; "
-                          f"write e.g. {key} = {2 if typ is int else 60}") from None
-    return str(raw)
+@dataclass(frozen=True)
+class Setting:
+    "One `[mlnb]` key: the type of its value, which values are accepted, and what it means."
+    type: type = str            # str, int, float or bool
+    accepted: str | tuple = ""  # numbers: an interval such as "(0, inf)" or "[0, 1]"; words: the tuple of them
+    meaning: str = ""
 
-_TYPES = {"jobs": int, "stage_timeout": float, "prestart": int}
+_S, _ANY = Setting, "(-inf, inf)"
+SETTINGS = {
+    # how runs happen (the fields of `Config`)
+    "pipeline": _S(str, "", "folder of stage notebooks"),
+    "state_dir": _S(str, "", "runs, cache and local stores (ignored by git)"),
+    "tracking_uri": _S(str, "", "MLflow tracking and registry store: a sqlite:/// path or http(s)://host:port"),
+    "artifact_root": _S(str, "", "artifact location of a new experiment (SQLite stores)"),
+    "experiment": _S(str, "", "MLflow experiment of pipeline runs"),
+    "model_name": _S(str, "", "registered model name"),
+    "kernel": _S(str, "", "Jupyter kernel that runs the stages"),
+    "jobs": _S(int, "[1, inf)", "independent stages run at once"),
+    "prestart": _S(int, "[0, inf)", "kernels started ahead of the stages that will use them"),
+    "stage_timeout": _S(float, "(0, inf)", "seconds a stage may run before it is interrupted"),
+    # the data, declared once (mlnb.tasks reads them)
+    "task": _S(str, ("binary", "multiclass", "regression"), "what the model learns"),
+    "target": _S(str, "", "the label column"),
+    "features": _S(str, "", "feature columns, comma-separated (default: every column but target and id_columns)"),
+    "id_columns": _S(str, "", "columns that identify a row and are not features"),
+    "sensitive": _S(str, "", "column(s) fairness is measured across"),
+    "positive_label": _S(str, "", "binary: the class that counts as positive"),
+    "threshold": _S(float, "(0, 1)", "binary: score at or above which the answer is the positive label"),
+    "primary_metric": _S(str, "", "metric of no-regression, model lists and monitoring (one of the task's metrics)"),
+    "contract": _S(str, "", "the data contract (default: <pipeline>/contract.yaml)"),
+    # promotion and its policy (mlnb.gates)
+    "promotion": _S(str, ("auto", "manual"), "auto: a candidate that passes every gate becomes champion; manual: challenger"),
+    "policy_required_gates": _S(str, "", "gates a champion must have run and passed, comma-separated"),
+    "policy_promoters": _S(str, "", "who may promote or roll back by hand, comma-separated (* = anyone)"),
+    "policy_champion_clean_git": _S(bool, "", "a champion must come from a clean, committed git tree"),
+    # gates (mlnb.gates checks the metric names against the task)
+    "gate_max_regression": _S(float, "[0, inf)", "how much worse than the champion's primary metric a candidate may be"),
+    "gate_max_p95_latency_ms": _S(float, "(0, inf)", "p95 single-record latency, in ms"),
+    "gate_max_model_mb": _S(float, "(0, inf)", "model size, in MB"),
+    "gate_sensitive": _S(str, "", "old name of sensitive"),
+    "gate_max_*_difference": _S(float, "[0, inf)", "fairness: largest difference of a metric between the groups of sensitive"),
+    "gate_min_*": _S(float, _ANY, "lowest holdout value of a metric where higher is better"),
+    "gate_max_*": _S(float, _ANY, "highest holdout value of a metric where lower is better"),
+    # models (mlnb.tracking)
+    "trusted_types": _S(str, "", "types a model file may hold beyond mlnb's reviewed list (module.Type, comma-separated), once reviewed"),
+    # serving (mlnb.serving)
+    "canary_share": _S(float, "[0, 1]", "share of requests the service sends to the challenger"),
+    "reload_interval": _S(float, "[0, 86400]", "seconds between the service's looks at the registry aliases (0: never)"),
+    "prediction_log": _S(str, "", "folder of the service's prediction log"),
+    "max_batch": _S(int, "[1, 1000000]", "most records in one request"),
+    "max_request_bytes": _S(int, "[1024, 2147483648]", "largest request body, in bytes (default: room for max_batch records)"),
+    "serve_workers": _S(int, "[1, inf)", "BentoML worker processes"),
+    # monitoring (mlnb.monitor)
+    "drift_alpha": _S(float, "(0, 1)", "p-value below which a column has drifted"),
+    "drift_large_reference": _S(int, "[1, inf)", "above this many reference rows, distances replace tests"),
+    "drift_wasserstein": _S(float, "[0, inf)", "normalized Wasserstein distance above which a numeric column has drifted"),
+    "drift_jensenshannon": _S(float, "[0, 1]", "Jensen-Shannon distance above which a categorical column has drifted"),
+    "drift_psi": _S(float, "[0, inf)", "population stability index reported as drift"),
+    "drift_share": _S(float, "[0, 1]", "share of drifted columns that makes the dataset drifted"),
+    "drift_min_rows": _S(int, "[1, inf)", "fewest rows needed to judge drift"),
+    "drift_max_drop": _S(float, "[0, inf)", "drop of the primary metric on labelled traffic that counts as degraded"),
+    "drift_max_auc_drop": _S(float, "[0, inf)", "old name of drift_max_drop"),
+    "retrain_on_alert": _S(bool, "", "every drift or degradation alert retrains"),
+    # the audit log (mlnb.audit)
+    "audit_log": _S(str, "", "the audit log (SQLite)"),
+}
+
+# `MLNB_*` variables that are not settings
+ENVIRONMENT = {
+    "MLNB_PROJECT": "the project folder (like --project)",
+    "MLNB_ACTOR": "who is acting, for the audit log and policy_promoters (default: the OS user)",
+    "MLNB_SERVING_SETTINGS": "the serving.json a service reads",
+    "MLNB_GC_FREEZE": "0: the service does not freeze its loaded objects out of the garbage collector",
+}
+
+def setting_of(key: str) -> Setting | None:
+    "The declaration of `key`: its own, else the first pattern it matches; None for a key that is not a setting."
+    if key in SETTINGS: return SETTINGS[key]
+    return next((s for k, s in SETTINGS.items() if "*" in k and fnmatchcase(key, k)), None)
+
+# %% ../nbs/01_config.ipynb #0010
+def _short(raw) -> str:
+    s = str(raw)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+def _interval(accepted: str) -> tuple:
+    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", accepted).groups()
+    return lo_b == "[", float(lo), float(hi), hi_b == "]"
+
+def _within(x: float, accepted: str) -> bool:
+    lo_in, lo, hi, hi_in = _interval(accepted)
+    return (x > lo or (lo_in and x == lo)) and (x < hi or (hi_in and x == hi))
+
+def describe(s: Setting) -> str:
+    "What a setting accepts, in words: `an integer >= 1`, `a number between 0 and 1`, `auto or manual`."
+    if isinstance(s.accepted, tuple): return " or ".join(s.accepted)
+    if s.type is bool: return "true or false"
+    if s.type is str: return "text"
+    what = "an integer" if s.type is int else "a number"
+    lo_in, lo, hi, hi_in = _interval(s.accepted)
+    lo_s, hi_s = (str(int(x)) if x.is_integer() else f"{x:g}" for x in (lo, hi))
+    if math.isinf(lo) and math.isinf(hi): return what
+    if math.isinf(hi): return f"{what} {'>=' if lo_in else '>'} {lo_s}"
+    if math.isinf(lo): return f"{what} {'<=' if hi_in else '<'} {hi_s}"
+    if lo_in and hi_in: return f"{what} from {lo_s} to {hi_s}"
+    return f"{what} between {lo_s} and {hi_s}" + (", both excluded" if not (lo_in or hi_in) else "")
+
+def _number(v: str, typ):
+    if typ is float: return float(v)
+    try: return int(v)
+    except ValueError:
+        x = float(v)  # 1e4 is an integer written as a number
+        if x.is_integer(): return int(x)
+        raise
+
+def _nearest(key: str, options) -> str | None:
+    import difflib
+    near = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+def _not_a_setting(key: str, raw, source: str) -> ConfigError:
+    names = [k for k in SETTINGS if "*" not in k]
+    near = _nearest(key, names)
+    gates = "; gates are gate_min_<metric> and gate_max_<metric>" if key.startswith("gate") else ""
+    if source.startswith(ENV_PREFIX):
+        hint = f" (did you mean {ENV_PREFIX}{near.upper()}?)" if near else ""
+        return ConfigError(f"{source}={_short(raw)} is not a setting{hint}{gates}; {ENV_PREFIX}<KEY> overrides setting <key>, "
+                           f"and the {ENV_PREFIX} variables that are not settings are {', '.join(ENVIRONMENT)}")
+    hint = f" (did you mean {near}?)" if near else ""
+    return ConfigError(f"{source}: {key} = {_short(raw)} is not a setting{hint}{gates}; the settings are listed in the README "
+                       "(Settings) and in mlnb.config.SETTINGS")
+
+def check_setting(key: str,                          # a key of `[mlnb]`
+                  raw,                               # its value, as written
+                  source: str = "settings.ini [mlnb]",  # where it was written, for the message
+                 ):
+    "The value of one setting, typed and checked against its declaration (None when empty: the default)."
+    s = setting_of(key)
+    if s is None: raise _not_a_setting(key, raw, source)
+    if s.type is str and not isinstance(s.accepted, tuple): return str(raw)
+    v = str(raw).strip()
+    if v == "": return None
+    bad = f"{source}: {key} = {_short(raw)!r}"
+    if isinstance(s.accepted, tuple):
+        if v.lower() in s.accepted: return v.lower()
+        near = _nearest(v.lower(), s.accepted)
+        raise ConfigError(f"{bad} is not accepted; accepted: {', '.join(s.accepted)}" + (f" (did you mean {near}?)" if near else ""))
+    if s.type is bool:
+        if v.lower() in _TRUE: return True
+        if v.lower() in _FALSE: return False
+        raise ConfigError(f"{bad} is not accepted; accepted: true, false ({s.meaning})")
+    try: x = _number(v, s.type)
+    except ValueError:
+        raise ConfigError(f"{bad} is not a{'n integer' if s.type is int else ' number'}; accepted: {describe(s)} ({s.meaning})") from None
+    if not math.isfinite(x): raise ConfigError(f"{bad} is not a finite number; accepted: {describe(s)} ({s.meaning})")
+    if not _within(x, s.accepted): raise ConfigError(f"{bad} is out of range; accepted: {describe(s)} ({s.meaning})")
+    return x
+
 _KEYS = [f.name for f in fields(Config) if f.name not in ("root", "extra")]
 
 def _absolute_uri(uri: str, root: Path) -> str:
@@ -75,40 +226,59 @@ def _absolute_uri(uri: str, root: Path) -> str:
         return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
     return uri
 
-# %% ../nbs/01_config.ipynb #0008
+# %% ../nbs/01_config.ipynb #0013
 def find_project(start: Path | str | None = None) -> Path:
     "The nearest folder at or above `start` whose `settings.ini` has an `[mlnb]` section."
     start = Path(start or os.environ.get(ENV_PREFIX + "PROJECT") or Path.cwd()).resolve()
     for d in [start, *start.parents]:
         ini = d / "settings.ini"
-        if ini.is_file() and "[mlnb" in ini.read_text(errors="replace"): return d
+        try:
+            if ini.is_file() and "[mlnb" in ini.read_text(errors="replace"): return d
+        except OSError as e: raise ConfigError(f"cannot read {ini}: {e.strerror}") from None
     raise ConfigError(f"no settings.ini with an [mlnb] section in {start} or any folder above it; "
                       f"run mlnb inside a project, pass --project DIR, or set {ENV_PREFIX}PROJECT")
 
-# %% ../nbs/01_config.ipynb #0009
-def load_config(root: Path | str | None = None, # project folder, or a folder inside one; default: the cwd
-                env: dict | None = None,         # environment to read `MLNB_*` overrides from; default `os.environ`
-               ) -> Config:
-    "Read `settings.ini` `[mlnb]` under `root`, apply `MLNB_*` overrides and check every value."
-    env = os.environ if env is None else env
-    root = find_project(root if root is not None else env.get(ENV_PREFIX + "PROJECT"))
-    ini = root / "settings.ini"
-    cp = configparser.ConfigParser(interpolation=None)
-    try: cp.read(ini)
+# %% ../nbs/01_config.ipynb #0015
+def _read_ini(ini: Path) -> tuple:
+    "The `[mlnb]` keys of `ini` with their values, and the line each key is on."
+    try: data = ini.read_bytes()
+    except OSError as e: raise ConfigError(f"cannot read {ini}: {e.strerror}") from None
+    try: text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{ini}: line {line} (byte {e.start}) holds {data[e.start:e.start + 1]!r}, which is not UTF-8; "
+                          f"{ini.name} must be UTF-8: save it as UTF-8") from None
+    cp = configparser.ConfigParser(interpolation=None, default_section="\0",  # [DEFAULT] is an ordinary section, not ours
+                                   inline_comment_prefixes=("#", ";"))      # `key = value  # why`, as the docs write it
+    try: cp.read_string(text, source=ini.name)
     except configparser.Error as e:
         raise ConfigError(f"{ini.name} is malformed: {str(e).splitlines()[0]}; expected INI lines 'key = value' "
                           "under an [mlnb] section") from None
     if not cp.has_section("mlnb"):
         raise ConfigError(f"{ini.name} has no [mlnb] section; add one (see README: settings)")
-    values = {k: (v, f"{ini.name} [mlnb]") for k, v in cp.items("mlnb")}
+    lines, section = {}, None
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s[0] in "#;" or line[0].isspace(): continue
+        if s.startswith("["): section = s[1:].partition("]")[0].strip(); continue
+        if section == "mlnb": lines.setdefault(cp.optionxform(re.split(r"[=:]", s, maxsplit=1)[0].strip()), i)
+    return dict(cp.items("mlnb")), lines
+
+# %% ../nbs/01_config.ipynb #0016
+def load_config(root: Path | str | None = None, # project folder, or a folder inside one; default: the cwd
+                env: dict | None = None,         # environment to read `MLNB_*` overrides from; default `os.environ`
+               ) -> Config:
+    "Read `settings.ini` `[mlnb]` under `root`, apply `MLNB_*` overrides and check every key and value."
+    env = os.environ if env is None else env
+    root = find_project(root if root is not None else env.get(ENV_PREFIX + "PROJECT"))
+    ini = root / "settings.ini"
+    raw, lines = _read_ini(ini)
+    values = {k: (v, f"{ini.name} line {lines[k]}" if k in lines else f"{ini.name} [mlnb]") for k, v in raw.items()}
     for k, v in env.items():
-        if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "PROJECT" and not k.startswith(ENV_PREFIX + "_"):
+        if k.startswith(ENV_PREFIX) and k not in ENVIRONMENT and not k.startswith(ENV_PREFIX + "_"):
             values[k[len(ENV_PREFIX):].lower()] = (v, k)
-    known = {k: _coerce(k, v, _TYPES.get(k, str), src) for k, (v, src) in values.items() if k in _KEYS}
-    extra = {k: v for k, (v, _) in values.items() if k not in _KEYS}
+    checked = {k: check_setting(k, v, src) for k, (v, src) in values.items()}
+    known = {k: checked[k] for k in _KEYS if checked.get(k) not in (None, "")}  # empty: the default
+    extra = {k: v for k, (v, _) in values.items() if k not in _KEYS}  # as written: they enter cache keys and run records
     cfg = Config(root=root, extra=extra, **known)
-    for k in ("jobs", "prestart"):
-        if getattr(cfg, k) < (1 if k == "jobs" else 0):
-            raise ConfigError(f"{k} = {getattr(cfg, k)} must be at least {1 if k == 'jobs' else 0}")
-    if cfg.stage_timeout <= 0: raise ConfigError(f"stage_timeout = {cfg.stage_timeout} must be a positive number of seconds")
     return replace(cfg, tracking_uri=_absolute_uri(cfg.tracking_uri, root))

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MlnbError', 'ConfigError', 'NotFound', 'PipelineError', 'TrackingError', 'ValidationError', 'GateFailed',
-           'PolicyRefused', 'StageFailed', 'StageTimeout']
+           'PolicyRefused', 'ModelRefused', 'StageFailed', 'StageTimeout']
 
 # %% ../nbs/00_errors.ipynb #0004
 class MlnbError(Exception):
@@ -31,6 +31,10 @@ class GateFailed(MlnbError):
 
 class PolicyRefused(MlnbError):
     "The project's policy (`policy_*` in settings.ini) refused a promotion or rollback; the refusal is audited."
+
+class ModelRefused(MlnbError):
+    "A model was not loaded: its file does not match the digest recorded at its registration, or it holds types nobody trusted."
+
 
 # %% ../nbs/00_errors.ipynb #0006
 class StageFailed(MlnbError):

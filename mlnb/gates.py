@@ -13,7 +13,8 @@ from .tasks import Task, task_of, FAIRNESS, METRICS, UNBOUNDED, _closest, evalua
 # %% auto #0
 __all__ = ['GateResult', 'gate_keys', 'gate_limits', 'gate_names', 'latency_p95_ms', 'model_mb', 'check_gates',
            'compare_to_champion', 'raise_for_gates', 'promotion_policy', 'check_required_gates', 'policy_violations',
-           'refuse', 'check_promoter', 'decide_promotion', 'promote_version', 'rollback_champion']
+           'refuse', 'check_promoter', 'check_gate_settings', 'decide_promotion', 'promote_version',
+           'rollback_champion']
 
 # %% ../nbs/08_gates.ipynb #0005
 @dataclass
@@ -182,12 +183,43 @@ def check_promoter(cfg: Config, action: str, version=None):
     if "*" not in allowed and who not in allowed:
         refuse(cfg, action, version, [f"{who} may not {action} by hand; allowed: {', '.join(allowed)} (policy_promoters in settings.ini)"])
 
+# %% ../nbs/08_gates.ipynb #0101
+def _scale(metric: str) -> tuple:
+    "The values a metric (or a fairness difference of one) can take: `(low, high)`."
+    m = metric.removesuffix("_difference")
+    if m in UNBOUNDED: return 0.0, float("inf")
+    return (float("-inf"), 1.0) if m == "r2" else (0.0, 1.0)
+
+def check_gate_settings(cfg: Config, task: Task | None = None) -> dict:
+    "Every `gate_*` and `policy_required_gates` setting against the project's task; returns the gate limits."
+    import re
+    task = task or task_of(cfg)
+    limits = gate_limits(cfg, task)
+    named = {m: (f"gate_{name.split('_')[0]}_{m}", limit) for m, (name, limit) in limits["metrics"].items()}
+    named.update({k: (f"gate_max_{k}", limit) for k, (_, limit) in limits["fairness"].items()})
+    for m, (key, limit) in named.items():
+        lo, hi = _scale(m)
+        if not lo <= limit <= hi:
+            hint = f" (did you mean {limit / 100:g}?)" if hi == 1 and 1 < limit <= 100 else ""
+            raise ConfigError(f"{key} = {limit:g} is outside the scale of {m}, {lo:g} to {hi:g}{hint}; a gate there always passes or never does")
+    if limits["fairness"] and not task.sensitive:
+        raise ConfigError(f"fairness gates ({', '.join('gate_max_' + k for k in limits['fairness'])}) need the sensitive attribute: "
+                          "add sensitive = COLUMN to settings.ini")
+    known = gate_names(task)
+    stages = " ".join(p.read_text(errors="replace") for p in sorted(cfg.pipeline_dir.glob("*.ipynb"))) if cfg.pipeline_dir.is_dir() else ""
+    for g in promotion_policy(cfg)["required_gates"]:
+        if g not in known and _closest(g, known) and not re.search(rf"\b{re.escape(g)}\b", stages):
+            raise ConfigError(f"policy_required_gates names unknown gate(s) {g}{_closest(g, known)}; gates: {', '.join(known)} "
+                              "(or a gate of the project's own, named in a stage notebook)")
+    return limits
+
 # %% ../nbs/08_gates.ipynb #0017
 def _record_gates(cfg: Config, version: int, gates: list, passed: bool):
-    from mlnb.tracking import _client
+    from mlnb.tracking import _client, _describe_version
     with _client(cfg) as client:
         client.set_model_version_tag(cfg.model_name, str(version), "mlnb.gates.passed", str(passed).lower())
         client.set_model_version_tag(cfg.model_name, str(version), "mlnb.gates", json.dumps(gates)[:5000])
+        _describe_version(client, cfg.model_name, version)
 
 def _git_of(tags: dict) -> dict:
     return {"commit": tags.get("mlnb.git.commit") or None, "dirty": tags.get("mlnb.git.dirty")}
@@ -197,7 +229,7 @@ def decide_promotion(cfg: Config, version: int, model, holdout, task: Task, repo
     from mlnb import tracking, audit
     limits, gates = gate_limits(cfg, task), list(report["gates"])
     check_required_gates(cfg, gates, task)
-    policy = cfg.get("promotion", "manual")
+    policy = str(cfg.get("promotion") or "manual").strip().lower()
     if policy not in ("auto", "manual"): raise ConfigError(f"promotion = {policy!r}; accepted: auto, manual")
     champion = tracking.load_model(cfg, "champion")
     if champion is not None and "max_regression" in limits:
@@ -220,6 +252,8 @@ def decide_promotion(cfg: Config, version: int, model, holdout, task: Task, repo
                  {"passed": passed, "action": decision["action"], "failed": [g["reason"] for g in gates if not g["passed"]],
                   "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates},
                   "policy_refusals": decision["policy_refusals"]})  # the evidence first, then the move it allows
+    if alias and tracking.read_aliases(cfg.tracking_uri, cfg.model_name).get("champion") == int(version):
+        alias, decision["action"] = None, "promoted"  # a rerun that made the champion's model again: it stays champion, nothing moves
     if alias:
         why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
         decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")

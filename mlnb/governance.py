@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_governance.ipynb #0002
 from __future__ import annotations
-import html, io, json, os, shutil, subprocess, tarfile, time
+import html, io, json, os, re, shutil, statistics, subprocess, tarfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from .config import Config
@@ -12,21 +12,27 @@ from .errors import ConfigError, MlnbError, NotFound
 from .audit import actor, events, record, _when
 
 # %% auto #0
-__all__ = ['CARD_NOTEBOOK', 'find_prediction', 'lineage', 'lineage_text', 'model_card', 'card_html', 'reproduce',
-           'reproduce_text', 'delivery_metrics', 'report_html', 'write_delivery_report']
+__all__ = ['CARD_NOTEBOOK', 'find_prediction', 'lineage', 'lineage_text', 'model_card', 'card_html', 'evaluation_plots',
+           'show_plots', 'reproduce', 'reproduce_text', 'delivery_metrics', 'report_html', 'write_delivery_report']
 
 # %% ../nbs/12_governance.ipynb #0005
 def find_prediction(cfg: Config, request_id: str) -> dict | None:
     "The logged prediction with this request id (the `x-request-id` a caller sent or got back; of a batch, its first record), or None."
     folder = cfg.prediction_log_dir
     needle = json.dumps(request_id)[:-1]  # also matches the records of a batch, logged as ID:0, ID:1, ...
+    found = []
     for p in sorted(folder.glob("predictions-*.jsonl")) if folder.is_dir() else []:
         with open(p) as f:
             for line in f:
                 if needle in line:
                     e = json.loads(line)
-                    if e.get("request_id") in (request_id, f"{request_id}:0"): return {**e, "log_file": str(p)}
-    return None
+                    if e.get("request_id") in (request_id, f"{request_id}:0"): found.append({**e, "log_file": str(p)})
+    if len(found) > 1:  # the service makes every id unique: two records with one id are not one prediction's lineage
+        raise ConfigError(f"request id {request_id!r} names {len(found)} logged predictions (in {', '.join(sorted({Path(e['log_file']).name for e in found}))}); "
+                          "lineage needs the id the service returned (x-request-id of the response), which names one")
+    return found[0] if found else None
+
+_TAG_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 def _resolve(cfg: Config, ref: str, aliases: dict) -> dict:
     "Which model version a REF names, and how (`aliases`: the model's `{alias: version}`)."
@@ -37,6 +43,9 @@ def _resolve(cfg: Config, ref: str, aliases: dict) -> dict:
     if ref.lower().startswith("v") and ref[1:].isdigit(): ref = ref[1:]
     if ref.isdigit(): return {"kind": "version", "version": int(ref)}
     if ":" in ref:
+        name, _, tag_version = ref.partition(":")
+        if not (_TAG_PART.fullmatch(name) and _TAG_PART.fullmatch(tag_version)):  # a tag is a name, never a path
+            raise NotFound(f"'{ref[:80]}' is not a bento tag (NAME:VERSION of letters, digits, '.', '_' and '-'); {accepted}")
         s = bento_settings(cfg, ref)
         if s is not None: return {"kind": "bento", "version": int(s["version"]), "bento": {"tag": s.get("bento", ref), **s.get("lineage", {})}}
     if ref in aliases: return {"kind": "alias", "version": aliases[ref]}
@@ -134,7 +143,8 @@ def model_card(cfg: Config,            # the project (its pipeline folder holds 
                decision: dict,         # the promotion decision: every gate, passed or not, and the action
                train, holdout,         # the training and holdout frames
                task=None,              # the project's `Task` (default: from its settings)
-               run: dict | None = None # `{run_id, data_digest, git}` of the pipeline run
+               run: dict | None = None, # `{run_id, data_digest, git}` of the pipeline run
+               plots: list | None = None, # names of the version's evaluation plots (logged under `plots/`)
               ) -> str:
     "The model card of one version, as Markdown."
     from mlnb.tasks import task_of
@@ -158,6 +168,7 @@ def model_card(cfg: Config,            # the project (its pipeline folder holds 
     L += ["## Gates", "", "| gate | passed | value | limit |", "|---|---|---|---|",
           *[f"| {x['gate']} | {'yes' if x['passed'] else '**no**'} | {x['value']:.4g}{_UNITS.get(x['gate'], '')} | {x['limit']:g}{_UNITS.get(x['gate'], '')} |" for x in decision.get("gates", [])], ""]
     if decision.get("policy_refusals"): L += ["Policy refusals: " + "; ".join(decision["policy_refusals"]), ""]
+    if plots: L += ["## Evaluation plots (holdout)", "", *[f"![{n[:-4].replace('_', ' ')}](plots/{n})" for n in plots], ""]
     for fair in (decision.get("fairness") or {}).get("attributes", []):
         names = list(next(iter(fair["by_group"].values()), {}))
         L += [f"## Fairness by `{fair['attribute']}`", "", "| group | rows | " + " | ".join(n.replace("_", " ") for n in names) + " |",
@@ -184,13 +195,78 @@ def model_card(cfg: Config,            # the project (its pipeline folder holds 
     L += ["## Limitations the numbers show", "", *([f"- {x}" for x in limits] or ["- none found by the gates"]), ""]
     return "\n".join(L)
 
-def card_html(markdown: str, title: str = "Model card") -> str:
-    "A model card as one self-contained HTML page."
+def card_html(markdown: str, title: str = "Model card", plots: dict | None = None) -> str:
+    "A model card as one self-contained HTML page (its plots, `{name: PNG bytes}`, embedded)."
+    import base64
     from markdown_it import MarkdownIt
     body = MarkdownIt("commonmark").enable("table").render(markdown)
+    for name, png in (plots or {}).items():
+        body = body.replace(f'src="plots/{name}"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}" style="max-width:100%"')
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;line-height:1.45}} table{{border-collapse:collapse;font-size:14px}}
 td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}} code{{background:#f4f4f4;padding:0 3px}}</style></head><body>{body}</body></html>"""
+
+# %% ../nbs/12_governance.ipynb #a4559459
+def evaluation_plots(task,          # the project's `Task`
+                     model, holdout, # the fitted model and the holdout (a table with the target)
+                    ) -> dict:
+    """`{file name: PNG bytes}`: the plots that fit the task, on the holdout. Binary: ROC and precision-recall curves,
+    calibration, confusion matrix at the threshold; multi-class: confusion matrix; regression: predicted against actual
+    and the residuals; every task: the error across the groups of `sensitive`."""
+    import io, warnings
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt, numpy as np, pandas as pd
+    from sklearn import metrics as skm
+    from sklearn.calibration import CalibrationDisplay
+    from mlnb.tasks import predict, _truth
+    X, y = task.split(holdout)
+    p = predict(task, model, X)
+    out = {}
+    def save(name, fig):
+        buf = io.BytesIO(); fig.tight_layout(); fig.savefig(buf, format="png", dpi=90); plt.close(fig); out[name] = buf.getvalue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if task.kind == "binary":
+            truth = _truth(task, y, p["positive"])
+            fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+            skm.RocCurveDisplay.from_predictions(truth, p["score"], ax=ax[0], name="model", plot_chance_level=True)
+            skm.PrecisionRecallDisplay.from_predictions(truth, p["score"], ax=ax[1], name="model", plot_chance_level=True)
+            ax[0].set_title("ROC curve"); ax[1].set_title("Precision-recall curve"); save("roc_pr.png", fig)
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            CalibrationDisplay.from_predictions(truth, p["score"], n_bins=10, strategy="quantile", ax=ax, name="model")
+            ax.set_title("Calibration (deciles of the score)"); save("calibration.png", fig)
+        if task.kind != "regression":
+            labels = list(p["classes"])
+            fig, ax = plt.subplots(figsize=(4.5 + 0.3 * len(labels), 4 + 0.3 * len(labels)))
+            skm.ConfusionMatrixDisplay.from_predictions(np.asarray(y).astype(str), np.asarray(p["prediction"]).astype(str),
+                                                        labels=[str(c) for c in labels], ax=ax, colorbar=False)
+            ax.set_title("Confusion matrix" + (f" at threshold {task.threshold:g}" if task.kind == "binary" else "")); save("confusion_matrix.png", fig)
+        else:
+            fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+            skm.PredictionErrorDisplay.from_predictions(y, p["prediction"], kind="actual_vs_predicted", ax=ax[0], subsample=2000, random_state=0)
+            ax[1].hist(np.asarray(y, dtype=float) - p["prediction"], bins=40, color="#4c72b0")
+            ax[0].set_title("Predicted against actual"); ax[1].set_title("Residuals (actual - predicted)"); save("predictions.png", fig)
+        for col in task.sensitive:
+            if col not in holdout.columns: continue
+            wrong = (np.asarray(y).astype(str) != np.asarray(p["prediction"]).astype(str)) if task.kind != "regression" \
+                else np.abs(np.asarray(y, dtype=float) - p["prediction"])
+            by = pd.Series(wrong, index=holdout.index).groupby(holdout[col].astype(str)).agg(["mean", "size"])
+            fig, ax = plt.subplots(figsize=(max(4.5, 0.6 * len(by) + 2), 3.5))
+            ax.bar(by.index, by["mean"], color="#4c72b0")
+            for i, (m, n) in enumerate(zip(by["mean"], by["size"])): ax.annotate(f"n={n}", (i, m), ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel("error rate" if task.kind != "regression" else "mean absolute error"); ax.set_xlabel(col)
+            ax.set_title(f"Error across groups of {col}"); save(f"groups_{col}.png", fig)
+    return out
+
+def show_plots(plots: dict):
+    "Show PNG plots in a notebook (each under its name); outside IPython, nothing."
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, Markdown, display
+        if get_ipython() is None: return
+    except ImportError: return
+    for name, png in plots.items(): display(Markdown(f"**{name[:-4].replace('_', ' ')}**"), Image(png))
+
 
 # %% ../nbs/12_governance.ipynb #0010
 _PATH_SETTINGS = {"pipeline", "state_dir", "tracking_uri", "artifact_root", "audit_log", "prediction_log", "project"}
@@ -331,7 +407,9 @@ def delivery_metrics(cfg: Config, now: float | None = None) -> dict:
                             "lead_time_s": (e["ts"] - change_at) if (change_at and e["kind"] == "model.promoted") else None, "change": change})
         if e["kind"] == "model.promoted" and commit: prev_commit = commit
     first_ts = min([e["ts"] for e in evs], default=now)
-    weeks = max((now - first_ts) / (7 * 86400), 1 / 7)  # at least a day, so one deployment today is not "infinitely frequent"
+    span_days = (now - first_ts) / 86400
+    # a rate per week only from a week of history and two deployments: one deployment today is not "7/week"
+    per_week = len(deployments) / (span_days / 7) if span_days >= 7 and len(deployments) >= 2 else None
     promos = [d for d in deployments if d["kind"] == "promotion"]
     leads = sorted(d["lead_time_s"] for d in promos if d["lead_time_s"] is not None)
     opened = {e["refs"]["incident"]: e for e in evs if e["kind"] == "incident.opened"}
@@ -355,8 +433,8 @@ def delivery_metrics(cfg: Config, now: float | None = None) -> dict:
                  "aliases": x["aliases"]} for v, x in sorted(versions.items())]
     return {"model": cfg.model_name, "generated": now, "since": first_ts, "events": len(evs),
             "deployments": {"count": len(deployments), "promotions": len(promos), "rollbacks": len(deployments) - len(promos),
-                            "per_week": len(deployments) / weeks, "list": deployments},
-            "lead_time": {"median_s": leads[len(leads) // 2] if leads else None, "mean_s": sum(leads) / len(leads) if leads else None, "count": len(leads)},
+                            "per_week": per_week, "span_days": span_days, "list": deployments},
+            "lead_time": {"median_s": statistics.median(leads) if leads else None, "mean_s": sum(leads) / len(leads) if leads else None, "count": len(leads)},
             "change_failure_rate": (len(deployments) - len(promos)) / len(promos) if promos else None,
             "incidents": {"count": len(incidents), "open": sum(i["closed"] is None for i in incidents),
                           "mean_time_to_resolve_s": sum(ttr) / len(ttr) if ttr else None, "list": incidents},
@@ -382,6 +460,8 @@ def _plots(m: dict) -> list:
         rb = [d for d in deps if d["kind"] == "rollback"]
         ax.scatter([datetime.fromtimestamp(d["at"]) for d in rb], [d["version"] for d in rb], color="#c0392b", zorder=3, label="rollback")
         if rb: ax.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # versions are whole numbers
     ax.set_title("champion version over time (deployments)", fontsize=9); ax.tick_params(labelsize=7); fig.autofmt_xdate()
     out.append(_svg(fig))
     fig, ax = plt.subplots(figsize=(5.5, 2.6), dpi=80)
@@ -393,8 +473,9 @@ def _plots(m: dict) -> list:
     acc = m["accuracy"]
     for key, color in (("holdout", "#4c72b0"), ("live", "#c44e52")):
         pts = [(a["version"], a[key]) for a in acc if a[key] is not None]
-        if pts: ax.plot(*zip(*pts), marker="o", label=f"{key} {acc[0]['metric']}", color=color)
-    ax.set_xlabel("model version", fontsize=8); ax.set_title("accuracy across versions", fontsize=9); ax.tick_params(labelsize=7)
+        # points, not a line: each version was measured on its own holdout (and live window), so neighbours are not one series
+        if pts: ax.plot(*zip(*pts), marker="o", linestyle="none", label=f"{key} {acc[0]['metric']}", color=color)
+    ax.set_xlabel("model version", fontsize=8); ax.set_title("accuracy of each version (its own holdout)", fontsize=9); ax.tick_params(labelsize=7)
     if acc: ax.legend(fontsize=7); ax.set_xticks([a["version"] for a in acc])
     out.append(_svg(fig))
     fig, ax = plt.subplots(figsize=(5.5, 2.2), dpi=80)
@@ -415,7 +496,8 @@ def report_html(m: dict) -> str:
     e = html.escape
     d, inc = m["deployments"], m["incidents"]
     cfr = "-" if m["change_failure_rate"] is None else f"{m['change_failure_rate']:.0%}"
-    tiles = [("deployments", f"{d['count']} ({d['per_week']:.2f}/week)"), ("lead time (median)", _dur(m["lead_time"]["median_s"])),
+    rate = f"{d['per_week']:.2f}/week" if d.get("per_week") is not None else f"in {_dur(d.get('span_days', 0) * 86400)}"
+    tiles = [("deployments", f"{d['count']} ({rate})"), ("lead time (median)", _dur(m["lead_time"]["median_s"])),
              ("change failure rate", cfr), ("drift incidents", f"{inc['count']} ({inc['open']} open)"),
              ("mean time to resolve", _dur(inc["mean_time_to_resolve_s"])), ("pipeline runs", f"{m['runs']['count']} ({m['runs']['failed']} failed)")]
     rows = "".join(f"<tr><td>{_when(x['at'])}</td><td>v{x['version']}</td><td>{x['kind']}</td><td>{e(str(x['by']))}</td>"

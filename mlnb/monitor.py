@@ -20,12 +20,13 @@ DEFAULTS = {"drift_alpha": 0.05, "drift_large_reference": 10_000, "drift_wassers
             "drift_psi": 0.2, "drift_share": 0.3, "drift_min_rows": 100}
 
 def drift_settings(cfg: Config | dict | None = None) -> dict:
-    "Drift thresholds from `settings.ini` (`drift_*`), defaults where absent."
+    "Drift thresholds from `settings.ini` (`drift_*`), checked as `mlnb.config.SETTINGS` declares them; defaults where absent."
+    from mlnb.config import check_setting
     raw = (cfg.extra if isinstance(cfg, Config) else cfg) or {}
     out = {}
     for k, v in DEFAULTS.items():
-        try: out[k] = type(v)(float(raw.get(k, v)))
-        except ValueError: raise ConfigError(f"{k} = {raw[k]!r} is not a number; default {v}") from None
+        x = check_setting(k, raw[k]) if k in raw else None
+        out[k] = v if x is None else type(v)(x)
     return out
 
 def _psi(ref_counts, cur_counts, eps=1e-4):
@@ -337,7 +338,7 @@ def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, lab
         lab = read_labels(labels, task)
         if "request_id" not in current: raise ValidationError("labels are joined on request_id, which the current data does not have")
         ref = info["tags"].get(f"holdout.{task.primary}")
-        max_drop = float(cfg.get("drift_max_drop", cfg.get("drift_max_auc_drop", 0.05)))
+        max_drop = float(cfg.get("drift_max_drop") or cfg.get("drift_max_auc_drop") or 0.05)  # checked when loaded
         rep["performance"] = performance(task, current, lab, None if ref is None else float(ref), max_drop)
     perf = rep.get("performance") or {}
     pred_drift = bool(rep.get("prediction", {}).get("drifted"))

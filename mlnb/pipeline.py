@@ -4,18 +4,19 @@
 
 # %% ../nbs/05_pipeline.ipynb #0002
 from __future__ import annotations
-import ast, graphlib, hashlib, json, os, platform, queue, secrets, shutil, subprocess, sys, threading, time
+import ast, graphlib, hashlib, json, os, platform, queue, secrets, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import Config
-from .tracking import pid_alive  # light: tracking imports mlflow only inside its functions
+from .stage import trusted_types
+from .tracking import pid_alive, version_registered  # light: tracking imports mlflow only inside its functions
 from .errors import ConfigError, NotFound, PipelineError, StageFailed, StageTimeout
 
 # %% auto #0
-__all__ = ['Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params', 'env_digest', 'input_digests',
-           'cache_key', 'products_digest', 'runs_dir', 'new_run_id', 'KernelPool', 'RunOptions', 'load_run',
-           'list_runs', 'run_pipeline']
+__all__ = ['WATCH_EVERY', 'KILL_GRACE', 'Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params',
+           'env_digest', 'input_digests', 'cache_key', 'products_digest', 'runs_dir', 'new_run_id', 'KernelPool',
+           'RunOptions', 'load_run', 'list_runs', 'verify_entry', 'clean_leftovers', 'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -257,10 +258,13 @@ class KernelPool:
     def _start_one(self):
         from jupyter_client.manager import KernelManager
         km = KernelManager(kernel_name=self.kernel_name)
+        km.client_factory = _watched_client()  # a dead kernel ends its stage instead of hanging it
         try:
             km.start_kernel(cwd=self.cwd, env=self.env, stderr=subprocess.DEVNULL)
         except Exception as e:  # jupyter_client raises many kinds here; the message names the kernel
             self._ready.put(e); return
+        km.mlnb_process = getattr(km.provisioner, "process", None)
+        km.mlnb_alive = _alive_check(km)
         with self._lock: self._live.add(km)
         self._ready.put(km)
 
@@ -303,16 +307,12 @@ class KernelPool:
     def interrupt(self):
         "Interrupt the cell running in every live kernel."
         with self._lock: self._closed = True; live = list(self._live)
-        for km in live:
-            try: km.interrupt_kernel()
-            except Exception: pass  # already gone
+        for km in live: _interrupt_kernel(km)
 
     def kill(self):
-        "Stop every live kernel now (Ctrl-C): the stages running in them fail at once."
+        "Kill every live kernel now (Ctrl-C): the stages running in them end at once."
         with self._lock: self._closed = True; live = list(self._live)
-        for km in live:
-            try: km.shutdown_kernel(now=True)
-            except Exception: pass  # already gone
+        for km in live: _kill_kernel(km)
 
     def close(self):
         "Stop every kernel this pool started (unused ones included) and wait for them to go."
@@ -326,33 +326,150 @@ class KernelPool:
             try: km.shutdown_kernel(now=True)
             except Exception: pass
 
+# %% ../nbs/05_pipeline.ipynb #0021b
+WATCH_EVERY = 0.5  # seconds between checks that the kernel of a running stage is alive
+KILL_GRACE = 5.0   # seconds an interrupted stage (timeout, Ctrl-C) gets to stop before its kernel is killed
+
+_CLIENT: list = []
+
+def _watched_client():
+    "A blocking kernel client whose waits for a message end with `DeadKernelError` once its kernel process is gone."
+    if _CLIENT: return _CLIENT[0]
+    from queue import Empty
+    from jupyter_client.blocking.client import BlockingKernelClient
+    from jupyter_client.channels import ZMQSocketChannel
+    from nbclient.exceptions import DeadKernelError
+    from traitlets import Type
+
+    class Channel(ZMQSocketChannel):
+        alive = None  # set by the client: a callable that says whether the kernel process still runs
+        def get_msg(self, timeout=None):
+            if self.alive is None: return super().get_msg(timeout)
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                step = WATCH_EVERY if end is None else max(0.0, min(WATCH_EVERY, end - time.monotonic()))
+                try: return super().get_msg(step)
+                except Empty:
+                    if not self.alive(): raise DeadKernelError("Kernel died") from None
+                    if end is not None and time.monotonic() >= end: raise
+
+    class Client(BlockingKernelClient):
+        shell_channel_class = Type(Channel)
+        iopub_channel_class = Type(Channel)
+        def start_channels(self, *args, **kw):
+            super().start_channels(*args, **kw)
+            self.shell_channel.alive = self.iopub_channel.alive = getattr(self.parent, "mlnb_alive", None)
+
+    _CLIENT.append(Client)
+    return Client
+
+def _alive_check(km):
+    "A cheap, thread-safe test that the kernel process of `km` still runs."
+    proc = getattr(getattr(km, "provisioner", None), "process", None)
+    if proc is not None: return lambda: proc.poll() is None
+    def alive():
+        try: return bool(km.is_alive())
+        except Exception: return False  # its manager was shut down under us: gone
+    return alive
+
+def _death(km) -> str:
+    "How the kernel of `km` ended, in words."
+    proc = getattr(km, "mlnb_process", None)
+    code = proc.poll() if proc is not None else None
+    if code is None: return "it stopped answering"
+    if code == -signal.SIGKILL: return "killed by signal 9: kill -9 or out of memory"
+    if code < 0:
+        try: return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError: return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+def _kill_kernel(km):
+    "Kill a kernel now (its process group), whatever it is doing."
+    try: km.shutdown_kernel(now=True)
+    except Exception:  # its manager is already shutting it down, or it is gone
+        proc = getattr(km, "mlnb_process", None)
+        if proc is not None and proc.poll() is None: proc.kill()
+
+def _interrupt_kernel(km):
+    try: km.interrupt_kernel()
+    except Exception: pass  # already gone
+
+
 # %% ../nbs/05_pipeline.ipynb #0024
 def _import_papermill():
     if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
     import papermill  # noqa: F401
 
 # %% ../nbs/05_pipeline.ipynb #0025
-def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: float):
+class _Stopped(RuntimeError):
+    "Raised before a cell starts once the stage has timed out or the run was interrupted: no further cell runs."
+
+def _mark_cell(out_nb: Path, index: int | None, count: int, ename: str, evalue: str):
+    "Mark the cell that was running when its kernel went away, as papermill marks a cell that raised."
+    import nbformat
+    from papermill.execute import raise_for_execution_errors
+    from papermill.exceptions import PapermillExecutionError
+    if index is None: return
+    try:
+        nb = nbformat.read(str(out_nb), as_version=4)
+        cell = nb.cells[index]
+        cell.execution_count = count
+        cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
+        cell.metadata.setdefault("papermill", {}).update(exception=True, status="failed")
+        raise_for_execution_errors(nb, str(out_nb))
+    except PapermillExecutionError: pass  # raised after writing the marked notebook: what we wanted
+    except (OSError, ValueError, IndexError, KeyError): pass  # the notebook stays as papermill wrote it
+
+def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: float, stop: threading.Event | None = None):
     import logging
     _import_papermill()
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
-    logging.getLogger("papermill").setLevel(logging.ERROR)
-    timed_out = threading.Event()
-    def on_timeout(): timed_out.set(); km.interrupt_kernel()
-    timer = threading.Timer(timeout, on_timeout); timer.daemon = True; timer.start()
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)  # nbclient logs a dead kernel too: our error says it in one line
+    stop = stop or threading.Event()
+    timed_out, killed, timers = threading.Event(), threading.Event(), []
+    running = {"index": None, "count": 0}  # the cell running now, and its number (`In [n]`)
+    def kill(): killed.set(); _kill_kernel(km)
+    def on_timeout():
+        timed_out.set(); _interrupt_kernel(km)
+        t = threading.Timer(KILL_GRACE, kill); t.daemon = True; t.start(); timers.append(t)
+    def on_cell_execute(cell, cell_index, **kw):
+        if timed_out.is_set() or stop.is_set(): raise _Stopped(stage.name)
+        running.update(index=cell_index, count=running["count"] + 1)
+    timer = threading.Timer(timeout, on_timeout); timer.daemon = True; timer.start(); timers.append(timer)
+    too_long = f"ran longer than its timeout of {timeout:g} s and was interrupted"
+    nb = str(out_nb)
     try:
-        pm.execute_notebook(str(stage.path), str(out_nb), parameters={**params, "mlnb_context": ctx}, km=km,
+        pm.execute_notebook(str(stage.path), nb, parameters={**params, "mlnb_context": ctx}, km=km,
                             kernel_name=km.kernel_name, progress_bar=False, log_output=False,
-                            request_save_on_cell_execute=True, autosave_cell_every=10)
+                            request_save_on_cell_execute=True, autosave_cell_every=10, on_cell_execute=on_cell_execute)
     except PapermillExecutionError as e:
-        cls = StageTimeout if timed_out.is_set() else StageFailed
-        evalue = f"ran longer than its timeout of {timeout:g} s and was interrupted" if timed_out.is_set() else e.evalue
-        raise cls(stage.name, e.exec_count, "Timeout" if timed_out.is_set() else e.ename, evalue, str(out_nb)) from None
-    except (RuntimeError, OSError) as e:  # kernel died, could not start, or the notebook could not be written
-        raise StageFailed(stage.name, None, type(e).__name__, str(e).splitlines()[0] if str(e) else repr(e), str(out_nb)) from None
+        if timed_out.is_set(): raise StageTimeout(stage.name, e.exec_count, "Timeout", too_long, nb) from None
+        raise StageFailed(stage.name, e.exec_count, e.ename, e.evalue, nb) from None
+    except _Stopped:
+        if timed_out.is_set():
+            raise StageTimeout(stage.name, running["count"] or None, "Timeout", f"{too_long}; no further cell ran", nb) from None
+        raise KeyboardInterrupt from None  # the run was interrupted between two cells
+    except (RuntimeError, OSError) as e:  # the kernel died or was killed, could not start, or the notebook could not be written
+        gone = not getattr(km, "mlnb_alive", lambda: True)()
+        if timed_out.is_set():
+            why = f"{too_long}; it did not stop, so its kernel was killed after {KILL_GRACE:g} s" if killed.is_set() else too_long
+            _mark_cell(out_nb, running["index"], running["count"], "Timeout", why)
+            raise StageTimeout(stage.name, running["count"], "Timeout", why, nb) from None
+        if gone and stop.is_set():
+            _mark_cell(out_nb, running["index"], running["count"], "KeyboardInterrupt", "the run was interrupted and its kernel stopped")
+            raise KeyboardInterrupt from None
+        if gone:
+            why = f"its kernel died ({_death(km)}); the cell that was running is marked in the executed notebook"
+            _mark_cell(out_nb, running["index"], running["count"], "KernelDied", why)
+            raise StageFailed(stage.name, running["count"] or None, "KernelDied", why, nb) from None
+        raise StageFailed(stage.name, None, type(e).__name__, str(e).splitlines()[0] if str(e) else repr(e), nb) from None
     finally:
-        timer.cancel()
+        for t in timers: t.cancel()
+    if timed_out.is_set():  # every cell ran, but only because one caught the interrupt: not a finished stage
+        raise StageTimeout(stage.name, running["count"], "Timeout", f"{too_long}, but went on to its end (a cell caught the interrupt); "
+                           "a stage past its timeout is not done", nb)
+
 
 # %% ../nbs/05_pipeline.ipynb #0027
 @dataclass
@@ -398,10 +515,24 @@ def list_runs(cfg: Config) -> list:
     return sorted(out, key=lambda r: r["started"], reverse=True)
 
 # %% ../nbs/05_pipeline.ipynb #0028
+def _resume_options(opts: RunOptions, prev: dict) -> RunOptions:
+    "The options of the run being resumed. What selects or changes results (`-p`, `--only`, `--from`, `--force`) is the earlier run's; knobs given now (`--jobs`, `--timeout`) win."
+    was = prev.get("options") or {}
+    before = {"-p": list(was.get("overrides") or []), "--only": was.get("only"), "--from": was.get("from"), "--force": bool(was.get("force"))}
+    now = {"-p": list(opts.overrides), "--only": opts.only, "--from": opts.start, "--force": opts.force}
+    def show(flag, v): return flag if v is True else f"{flag} {' '.join(v) if isinstance(v, list) else v}"
+    for flag, value in now.items():
+        if value and value != before[flag]:
+            kept = ", ".join(show(k, v) for k, v in before.items() if v) or "no options"
+            raise ConfigError(f"--resume continues run {prev['run_id']} with the options it started with ({kept}); "
+                              f"{show(flag, value)} is not one of them: drop it, or start a new run")
+    return RunOptions(overrides=before["-p"], only=before["--only"], start=before["--from"], force=before["--force"],
+                      jobs=opts.jobs or was.get("jobs"), timeout=opts.timeout or was.get("timeout"), resume=opts.resume)
+
 class _Run:
     "The mutable state of one pipeline run, written to `run.json` after every change."
     def __init__(self, cfg, pipeline, opts, on_event):
-        self.cfg, self.pipeline, self.opts, self.on_event = cfg, pipeline, opts, on_event or (lambda e: None)
+        self.cfg, self.pipeline, self.on_event = cfg, pipeline, on_event or (lambda e: None)
         self.lock = threading.Lock()
         prev = None
         if opts.resume:
@@ -409,7 +540,9 @@ class _Run:
                 (r for r in list_runs(cfg) if r["status"] in ("failed", "interrupted")), None)
             if prev is None: raise NotFound("no failed or interrupted run to resume; `mlnb status` lists the runs")
             if prev["status"] == "done": raise ConfigError(f"run {prev['run_id']} finished; nothing to resume (start a new run)")
-            opts.overrides, opts.only, opts.start = prev["options"]["overrides"], prev["options"]["only"], prev["options"]["from"]
+            if prev["status"] == "running": raise ConfigError(f"run {prev['run_id']} is still running (process {prev.get('pid')}); wait for it, or stop it first")
+            opts = _resume_options(opts, prev)
+        self.opts = opts
         self.params = resolve_params(pipeline, opts.overrides)
         if opts.only: pipeline.stage(opts.only)
         if opts.start: pipeline.stage(opts.start)
@@ -417,20 +550,29 @@ class _Run:
         self.dir = runs_dir(cfg) / self.run_id
         (self.dir / "notebooks").mkdir(parents=True, exist_ok=True)
         self.selected = ([opts.only] if opts.only else pipeline.downstream(opts.start) if opts.start else pipeline.names)
-        done_before = {n for n, s in (prev or {}).get("stages", {}).items() if s["status"] in ("done", "cached")}
-        self.forced = set(self.selected) - done_before if (opts.force or opts.only or opts.start) else set()
+        stages = (prev or {}).get("stages", {})
+        # what finished in an earlier attempt keeps its record (it ran then); the rest runs now, with the same options
+        self.kept = {n for n, s in stages.items() if s.get("status") in ("done", "cached") and n in pipeline.stages}
+        self.forced = set(self.selected) - self.kept if (opts.force or opts.only or opts.start) else set()
+        self.attempt = (prev.get("attempt") or 1) + 1 if prev else 1
         from mlnb import __version__
         from mlnb.audit import actor
         self.rec = prev or {"run_id": self.run_id, "project": str(cfg.root), "pipeline": str(pipeline.folder),
                             "user": actor(), "mlnb_version": __version__}
+        attempts = list((prev or {}).get("attempts") or ([{"attempt": 1, "pid": prev.get("pid"), "started": prev["started"]}] if prev else []))
+        if attempts: attempts[-1].update(status=prev["status"], ended=attempts[-1].get("ended") or prev.get("ended"))
+        attempts.append({"attempt": self.attempt, "pid": os.getpid(), "started": time.time(), "ended": None, "status": "running"})
         self.rec["settings"] = cfg.values()
         self.rec.update(pid=os.getpid(), host=platform.node())
         self.rec.update(status="running", started=prev["started"] if prev else time.time(), ended=None, rev=(prev or {}).get("rev", 0),
-                        options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force},
-                        params=self.params, git=_git(cfg.root), env_digest=env_digest(cfg.kernel), resumed=bool(prev))
-        stages = (prev or {}).get("stages", {})
-        self.rec["stages"] = {n: {**stages.get(n, {}), "status": "pending", "attempt": stages.get(n, {}).get("attempt", 0),
-                                  "params": self.params[n]} for n in pipeline.names}
+                        options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force,
+                                 "jobs": opts.jobs, "timeout": opts.timeout},
+                        params=self.params, git=_git(cfg.root), env_digest=env_digest(cfg.kernel), resumed=bool(prev),
+                        attempt=self.attempt, attempts=attempts)
+        def fresh(n):
+            old = {k: v for k, v in stages.get(n, {}).items() if k not in ("notes", "error", "cell")}
+            return {**old, "status": "pending", "attempt": old.get("attempt", 0), "params": self.params[n]}
+        self.rec["stages"] = {n: {"in_attempt": self.attempt - 1, **stages[n]} if n in self.kept else fresh(n) for n in pipeline.names}
         self.save()
 
     def save(self):
@@ -443,15 +585,33 @@ class _Run:
         self.save()
         self.on_event({"stage": name, "run_id": self.run_id, **self.rec["stages"][name]})
 
+    def note(self, name, message):
+        "Record and report something the user should know about a stage (e.g. why its cached products were not reused)."
+        with self.lock: self.rec["stages"][name].setdefault("notes", []).append(message)
+        self.save()
+        self.on_event({"stage": name, "run_id": self.run_id, "status": "note", "message": message})
+
+    def finish(self, status):
+        "Close this attempt: the run's status, and what this attempt ran."
+        ran = [n for n, s in self.rec["stages"].items() if s.get("in_attempt") == self.attempt and s["status"] in ("done", "failed")]
+        self.rec["attempts"][-1].update(status=status, ended=time.time(), ran=ran)
+
+
 # %% ../nbs/05_pipeline.ipynb #0029
 def _entry_of(cfg: Config, name: str, key: str) -> Path: return cfg.state / "cache" / name / key
 
+def _file_records(folder: Path) -> dict:
+    "Size and SHA-256 of every file under `folder` (relative paths)."
+    from mlnb.stage import file_digest
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_digest(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
 def _finish_entry(cfg, run, stage, key, tmp: Path, nb: Path, started: float) -> Path:
     products = json.loads((tmp / "products.json").read_text()) if (tmp / "products.json").exists() else {}
+    shutil.copy2(nb, tmp / "notebook.ipynb")
     manifest = {"stage": stage.name, "key": key, "run_id": run.run_id, "finished": time.time(),
                 "duration": time.time() - started, "params": run.params[stage.name], "products": products,
-                "digest": products_digest(products)}
-    shutil.copy2(nb, tmp / "notebook.ipynb")
+                "digest": products_digest(products), "files": _file_records(tmp)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     entry = _entry_of(cfg, stage.name, key)
     try: os.rename(tmp, entry)
@@ -465,9 +625,63 @@ def _point_latest(cfg: Config, name: str, entry: Path, run_id: str):
 
 def _stale_entry(cfg: Config, name: str) -> Path | None:
     p = cfg.state / "latest" / f"{name}.json"
-    if not p.exists(): return None
-    e = Path(json.loads(p.read_text())["entry"])
+    try: e = Path(json.loads(p.read_text())["entry"])
+    except (OSError, ValueError, KeyError, TypeError): return None
     return e if (e / "manifest.json").exists() else None
+
+
+# %% ../nbs/05_pipeline.ipynb #0029b
+def verify_entry(entry: Path | str,       # a cache entry folder (`.mlnb/cache/STAGE/KEY`)
+                 seen: dict | None = None, # digests already computed in this run, updated in place
+                ) -> list:
+    "What no longer matches in a cache entry: each file its manifest records must have its recorded size and SHA-256."
+    from mlnb.stage import file_digest
+    entry, seen = Path(entry), {} if seen is None else seen
+    try: man = json.loads((entry / "manifest.json").read_text())
+    except (OSError, ValueError) as e: return [f"manifest.json unreadable ({type(e).__name__})"]
+    products = man.get("products") or {}
+    problems = [] if man.get("digest") == products_digest(products) else ["manifest.json: its digest does not match its products"]
+    pj = entry / "products.json"
+    try: listed = json.loads(pj.read_text()) if pj.exists() else {}
+    except (OSError, ValueError): listed = None
+    if listed != products: problems.append("products.json differs from the manifest")
+    want = {m.get("file"): (m.get("bytes"), m.get("sha256")) for m in products.values()}
+    for rel, m in (man.get("files") or {}).items(): want.setdefault(rel, (m.get("bytes"), m.get("sha256")))
+    for rel, (size, sha) in sorted(want.items(), key=lambda kv: str(kv[0])):
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"the manifest names a file outside the entry ({rel!r})"); continue
+        f = entry / rel
+        try: st = f.stat()
+        except OSError: problems.append(f"{rel} is missing"); continue
+        if size is not None and st.st_size != size: problems.append(f"{rel}: {st.st_size} bytes instead of {size}"); continue
+        k = (str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if k not in seen: seen[k] = file_digest(f)
+        if seen[k] != sha: problems.append(f"{rel}: digest mismatch")
+    return problems
+
+def _set_aside(entry: Path, run_id: str) -> Path | None:
+    "Move a refused cache entry out of the way (kept as evidence); None if another run moved it first."
+    aside = entry.with_name(f".refused-{entry.name}-{run_id}-{secrets.token_hex(2)}")
+    try: os.rename(entry, aside); return aside
+    except OSError: return None
+
+def clean_leftovers(cfg: Config, max_age: float) -> list:
+    "Remove the private folders of stages whose run process is gone (or, if that cannot be told, older than `max_age` s); returns them."
+    removed, here = [], platform.node()
+    for tmp in sorted((cfg.state / "cache").glob("*/.tmp-*")):
+        parts = tmp.name[len(".tmp-"):].split("-")
+        run_id, rest = "-".join(parts[:3]), parts[3:]
+        try: rec = json.loads(_record_path(runs_dir(cfg) / run_id).read_text())
+        except (OSError, ValueError): rec = None
+        pid = int(rest[0]) if len(rest) == 2 and rest[0].isdigit() else (rec or {}).get("pid")
+        try: age = time.time() - tmp.stat().st_mtime
+        except OSError: continue
+        if rec is not None and rec.get("host") == here and pid: gone = not pid_alive(pid)
+        else: gone = age > max_age
+        if gone:
+            shutil.rmtree(tmp, ignore_errors=True); removed.append(tmp)
+    return removed
+
 
 # %% ../nbs/05_pipeline.ipynb #0031
 def _submit(fn, *args) -> Future:
@@ -480,6 +694,13 @@ def _submit(fn, *args) -> Future:
     return fut
 
 # %% ../nbs/05_pipeline.ipynb #0032
+def _on_ctrl_c(action):
+    "While the run stops: make a further Ctrl-C call `action` (in a thread) instead of raising; returns the undo."
+    if threading.current_thread() is not threading.main_thread(): return lambda: None
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *a: threading.Thread(target=action, daemon=True).start())
+    return lambda: signal.signal(signal.SIGINT, before)
+
 def run_pipeline(cfg: Config,                       # the project's settings
                  opts: RunOptions | None = None,    # selection, overrides, knobs
                  on_event=None,                     # called with a dict on every stage state change
@@ -491,47 +712,62 @@ def run_pipeline(cfg: Config,                       # the project's settings
     opts = opts or RunOptions()
     check_tracking(cfg.tracking_uri)
     pipeline = discover(cfg.pipeline_dir)
+    cleaned = clean_leftovers(cfg, max(opts.timeout or 0, cfg.stage_timeout) + KILL_GRACE)  # before this run's own record names its pid
     run = _Run(cfg, pipeline, opts, on_event)
+    opts = run.opts  # a resumed run goes on with the options it started with
+    if cleaned: run.rec["cleaned"] = [str(p) for p in cleaned]
     jobs, timeout = opts.jobs or cfg.jobs, opts.timeout or cfg.stage_timeout
     env = env_digest(cfg.kernel)
     kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, budget=len(run.selected))
     digests, entries, failed = {}, {}, []
+    seen, refusals = {}, {}  # file digests and verdicts on cache entries, computed once per run
+    trusted = trusted_types(cfg)
     stop = threading.Event()
     audit.record(cfg, "run.started", {"run": run.run_id}, {"options": run.rec["options"], "git": run.rec["git"], "resumed": run.rec["resumed"],
-                                                          "stages": run.selected})
+                                                          "attempt": run.attempt, "stages": run.selected})
     follower = spawn_sync(cfg, run.dir) if sync_tracking is not False else None
     warmed = False
     status = "failed"
+    undo_ctrl_c = lambda: None
 
     def ready(n):
         return all(u in digests for u in pipeline.stages[n].upstream)
 
-    def resolve_outside(n):
-        "A stage outside the selection: reuse its products by key, else its latest products."
-        stage = pipeline.stages[n]
-        key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env, input_digests(stage, cfg))
-        entry = _entry_of(cfg, n, key)
-        if (entry / "manifest.json").exists(): return key, entry, "cached"
-        entry = _stale_entry(cfg, n)
-        if entry is None:
-            raise NotFound(f"stage '{n}' has no products to reuse; run it first (`mlnb run --only {n}` or a full `mlnb run`)")
-        return key, entry, "stale"
+    def refused(n, key, entry) -> str | None:
+        "Why the products in `entry` must not be reused (None: they may be); a refused entry is set aside, and the run says so."
+        if str(entry) in refusals: return refusals[str(entry)]
+        problems = verify_entry(entry, seen)
+        why = f"cached products changed on disk ({'; '.join(problems)})" if problems else None
+        if not why and (entry / "model_version.json").exists():  # only then: asking the registry imports mlflow
+            try: mv = json.loads((entry / "model_version.json").read_text())
+            except (OSError, ValueError): mv = {}
+            if not version_registered(cfg, mv):
+                why = f"its registered model {mv.get('name')} version {mv.get('version')} is not in the registry any more"
+        refusals[str(entry)] = why
+        if why:
+            aside = _set_aside(entry, run.run_id)
+            run.note(n, f"{why}; running it again")
+            audit.record(cfg, "stage.reuse_refused", {"run": run.run_id, "stage": n},
+                         {"key": key, "entry": str(entry), "why": why, "set_aside": str(aside) if aside else None})
+        return why
 
     def execute(n, key):
         stage = pipeline.stages[n]
-        tmp = cfg.state / "cache" / n / f".tmp-{run.run_id}-{secrets.token_hex(3)}"
+        tmp = cfg.state / "cache" / n / f".tmp-{run.run_id}-{os.getpid()}-{secrets.token_hex(3)}"
         tmp.mkdir(parents=True)
         nb = run.dir / "notebooks" / f"{n}.ipynb"
         ctx = {"stage": n, "run_id": run.run_id, "run_dir": str(run.dir), "out_dir": str(tmp), "project": str(cfg.root), "git": run.rec["git"],
                "upstream": {u: str(entries[u]) for u in stage.upstream}, "tracking_uri": cfg.tracking_uri,
-               "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False}
+               "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False, "trusted_types": trusted}
         if stop.is_set(): raise KeyboardInterrupt
         km = pool.take()
+        nb.unlink(missing_ok=True)  # it may be a hard link into a cache entry (reused in an earlier attempt): never write through it
         started = time.time()
-        run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb))
+        run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb),
+                in_attempt=run.attempt)
         try:
-            _execute(stage, run.params[n], ctx, nb, km, timeout)
+            _execute(stage, run.params[n], ctx, nb, km, timeout, stop)
             if stop.is_set(): raise KeyboardInterrupt  # finished as Ctrl-C came: not a product anyone asked to keep
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True); raise
@@ -541,12 +777,15 @@ def run_pipeline(cfg: Config,                       # the project's settings
     def complete(n, key, entry, status, started=None):
         man = json.loads((entry / "manifest.json").read_text())
         digests[n], entries[n] = man["digest"], entry
+        st = run.rec["stages"][n]
+        if status != "done" and n in run.kept and st.get("entry") == str(entry):  # finished in an earlier attempt of this run: that record stands
+            run.on_event({"stage": n, "run_id": run.run_id, **st, "earlier_attempt": True}); return
         if status in ("cached", "stale"):
             _link_or_copy(entry / "notebook.ipynb", run.dir / "notebooks" / f"{n}.ipynb")
         if status != "stale": _point_latest(cfg, n, entry, run.run_id)
-        run.set(n, status=status, key=key, entry=str(entry), products=man["products"], error=None,
+        run.set(n, status=status, key=key, entry=str(entry), products=man["products"], error=None, in_attempt=run.attempt,
                 duration=(time.time() - started) if started else man["duration"],
-                **({"started": time.time(), "source_run": man["run_id"]} if status != "done" else {}))
+                **({"started": time.time(), "source_run": man["run_id"]} if status != "done" else {"source_run": None}))
         audit.record(cfg, "stage.finished", {"run": run.run_id, "stage": n}, {"status": status, "key": key, "source_run": man["run_id"],
                      "notebook": str(run.dir / "notebooks" / f"{n}.ipynb"), "products": {p: m["sha256"] for p, m in man["products"].items()}})
 
@@ -561,13 +800,17 @@ def run_pipeline(cfg: Config,                       # the project's settings
                     todo.remove(n); run.set(n, status="skipped", error="an upstream stage failed"); progressed = True; continue
                 if not ready(n): continue
                 todo.remove(n); progressed = True
-                if n not in run.selected:
-                    key, entry, how = resolve_outside(n); complete(n, key, entry, how); continue
                 stage = pipeline.stages[n]
                 key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env, input_digests(stage, cfg))
                 entry = _entry_of(cfg, n, key)
-                if n not in run.forced and (entry / "manifest.json").exists():
-                    pool.reduce_budget(); complete(n, key, entry, "cached"); continue
+                if n in run.selected:  # reuse a finished entry of the same key, unless forced
+                    reuse = (entry, "cached") if n not in run.forced and (entry / "manifest.json").exists() else None
+                elif (entry / "manifest.json").exists(): reuse = (entry, "cached")  # outside the selection: reuse by key,
+                elif (stale := _stale_entry(cfg, n)) is not None: reuse = (stale, "stale")  # else its latest products
+                else: raise NotFound(f"stage '{n}' has no products to reuse; run it first (`mlnb run --only {n}` or a full `mlnb run`)")
+                if reuse and not refused(n, key, reuse[0]):
+                    if n in run.selected: pool.reduce_budget()
+                    complete(n, key, *reuse); continue
                 if not warmed:  # something will execute: import papermill while the first kernel starts
                     warmed = True; threading.Thread(target=_import_papermill, daemon=True).start()
                 pool.fill()
@@ -594,23 +837,30 @@ def run_pipeline(cfg: Config,                       # the project's settings
         status = "interrupted"
         stop.set()
         for f in running: f.cancel()
-        pool.interrupt()  # like Ctrl-C in JupyterLab: the running cells fail and papermill marks them
-        if wait(list(running), timeout=10).not_done: pool.kill()
+        undo_ctrl_c = _on_ctrl_c(pool.kill)  # a second Ctrl-C kills the kernels at once
+        try:
+            pool.interrupt()  # like Ctrl-C in JupyterLab: the running cells fail and papermill marks them
+            if wait(list(running), timeout=KILL_GRACE).not_done: pool.kill()  # a cell that caught the interrupt: its kernel is killed
+            wait(list(running), timeout=KILL_GRACE)  # a killed kernel ends its stage within WATCH_EVERY s
+        except KeyboardInterrupt: pool.kill()  # not on the main thread: Ctrl-C raises here too
         for n, s in run.rec["stages"].items():
             if s["status"] in ("running", "queued", "failed") and n in {v[0] for v in running.values()}: s["status"] = "interrupted"
         raise
     finally:
-        pool.close()
-        for n, s in run.rec["stages"].items():
-            if s["status"] == "pending": s["status"] = "not run"
-        sources = [n for n in pipeline.names if not pipeline.stages[n].upstream and n in digests]
-        run.rec.update(status=status, ended=time.time(), duration=time.time() - run.rec["started"],
-                       data_digest=hashlib.sha256("".join(digests[n] for n in sources).encode()).hexdigest() if sources else None)
-        run.save()
-        audit.record(cfg, "run.finished", {"run": run.run_id}, {"status": status, "data_digest": run.rec["data_digest"], "git": run.rec["git"],
-                     "duration": run.rec["duration"], "stages": {n: s["status"] for n, s in run.rec["stages"].items()}})
-        run.on_event({"run_id": run.run_id, "status": status, "run_dir": str(run.dir)})
-    executed = any(s["status"] in ("done", "failed") for s in run.rec["stages"].values())
+        try:
+            for n, s in run.rec["stages"].items():
+                if s["status"] in ("pending", "queued"): s["status"] = "not run"
+            sources = [n for n in pipeline.names if not pipeline.stages[n].upstream and n in digests]
+            run.rec.update(status=status, ended=time.time(), duration=time.time() - run.rec["started"],
+                           data_digest=hashlib.sha256("".join(digests[n] for n in sources).encode()).hexdigest() if sources else None)
+            run.finish(status)
+            run.save()
+            pool.close()
+            audit.record(cfg, "run.finished", {"run": run.run_id}, {"status": status, "data_digest": run.rec["data_digest"], "git": run.rec["git"],
+                         "duration": run.rec["duration"], "attempt": run.attempt, "stages": {n: s["status"] for n, s in run.rec["stages"].items()}})
+            run.on_event({"run_id": run.run_id, "status": status, "run_dir": str(run.dir)})
+        finally: undo_ctrl_c()
+    executed = any(s["status"] in ("done", "failed") and s.get("in_attempt") == run.attempt for s in run.rec["stages"].values())
     if follower is not None and (sync_tracking or executed):
         try: code = follower.wait(timeout=300)
         except subprocess.TimeoutExpired: code = None
@@ -618,3 +868,4 @@ def run_pipeline(cfg: Config,                       # the project's settings
     else: run.rec["tracking"] = "syncing in the background" if follower else "off"
     if failed: raise failed[0]
     return run.rec
+

@@ -6,10 +6,11 @@
 from __future__ import annotations
 import hashlib, json, os
 from pathlib import Path
-from .errors import NotFound, ConfigError
+from .errors import NotFound, ConfigError, ModelRefused, ValidationError
 
 # %% auto #0
-__all__ = ['PRODUCTS', 'METRICS', 'context', 'file_digest', 'save', 'load', 'digest', 'log_metrics', 'log_metric']
+__all__ = ['PRODUCTS', 'METRICS', 'TRUSTED_TYPES', 'MODEL_FILE', 'note', 'context', 'file_digest', 'canonical_skops_bytes',
+           'skops_digest', 'trusted_types', 'save', 'load', 'digest', 'log_metrics', 'log_metric']
 
 # %% ../nbs/03_stage.ipynb #0005
 PRODUCTS = "products.json"
@@ -23,23 +24,42 @@ def _user_ns() -> dict:
         return ip.user_ns if ip is not None else {}
     except ImportError: return {}
 
+def note(text: str):
+    "Tell the person running the notebook something (an output of the cell); outside IPython, a log record of logger `mlnb`."
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+        if get_ipython() is not None: return display({"text/plain": text}, raw=True)
+    except ImportError: pass
+    import logging; logging.getLogger("mlnb").info(text)
+
 def _interactive_context(ns: dict) -> dict:
     from mlnb.config import load_config
     cfg = load_config()
     session = os.environ.get("JPY_SESSION_NAME") or ns.get("__session__") or ""
     name = Path(session).stem if session.endswith(".ipynb") else "interactive"
-    upstream = {}
+    upstream, said = {}, ns.setdefault("_mlnb_said", set())
+    runs = []  # finished runs, newest first: a notebook run by hand reads what the last successful run used, not a rejected retrain
+    for p in (cfg.state / "runs").glob("*/run.json"):
+        try: rec = json.loads(p.read_text())
+        except (OSError, ValueError): continue
+        if rec.get("status") == "done": runs.append(rec)
+    runs.sort(key=lambda r: r.get("ended") or 0, reverse=True)
     for up in ns.get("upstream", []) or []:
-        ptr = cfg.state / "latest" / f"{up}.json"
-        if not ptr.exists():
-            raise NotFound(f"upstream stage '{up}' has no products yet; run `mlnb run --only {up}` "
+        src = next(((r["run_id"], r["stages"][up]["entry"]) for r in runs
+                    if r.get("stages", {}).get(up, {}).get("status") in ("done", "cached") and r["stages"][up].get("entry")
+                    and Path(r["stages"][up]["entry"]).is_dir()), None)
+        if src is None:
+            raise NotFound(f"upstream stage '{up}' has no products of a finished run yet; run `mlnb run --only {up}` "
                            f"(or the whole pipeline) once, then rerun this cell")
-        upstream[up] = json.loads(ptr.read_text())["entry"]
+        upstream[up] = src[1]
+        if up not in said:  # say once which run's products this notebook works on
+            said.add(up); note(f"mlnb: upstream '{up}': the products of run {src[0]} (the newest finished run that has them)")
     out = cfg.state / "scratch" / name
     out.mkdir(parents=True, exist_ok=True)
     return {"stage": name, "run_id": None, "out_dir": str(out), "upstream": upstream, "project": str(cfg.root),
             "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment, "model_name": cfg.model_name,
-            "interactive": True}
+            "interactive": True, "trusted_types": trusted_types(cfg)}
 
 # %% ../nbs/03_stage.ipynb #0006
 def context() -> dict:
@@ -57,14 +77,14 @@ def file_digest(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
-def _canonical_skops(path: Path):
-    """Rewrite a skops file so that the same model gives the same bytes in any process.
+def _canonical_entries(path: Path | str) -> list:
+    """The entries `(name, bytes, compression)` of a skops file in canonical form: the same model gives the same entries in any process.
 
     skops names its array files and memo entries after `id(obj)` (memory addresses) and stamps zip entries with
     the current time: the same model would get a new digest on every run, and everything downstream would rerun.
     Renumbering both in order of appearance and fixing the timestamps keeps the file loadable and makes it a
-    function of the model alone."""
-    import zipfile
+    function of the model alone. Only the zip and its JSON schema are read: nothing in the file runs."""
+    import io, zipfile
     with zipfile.ZipFile(path) as z:
         files = {i.filename: (z.read(i), i.compress_type) for i in z.infolist()}
     ids, names = {}, {}
@@ -79,14 +99,55 @@ def _canonical_skops(path: Path):
             return out
         return [walk(v) for v in x] if isinstance(x, list) else x
     schema = walk(json.loads(files["schema.json"][0]))
-    tmp = path.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w") as z:
-        def put(name, data, ctype):
+    return [("schema.json", json.dumps(schema, indent=2).encode(), files["schema.json"][1]),
+            *((new, files[old][0], files[old][1]) for old, new in names.items())]
+
+def canonical_skops_bytes(path: Path | str) -> bytes:
+    "The bytes of a skops file in canonical form (see `_canonical_entries`)."
+    import io, zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data, ctype in _canonical_entries(path):
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)); info.compress_type = ctype
             z.writestr(info, data)
-        put("schema.json", json.dumps(schema, indent=2), files["schema.json"][1])
-        for old, new in names.items(): put(new, files[old][0], files[old][1])
-    os.replace(tmp, path)
+    return buf.getvalue()
+
+def skops_digest(path: Path | str) -> str:
+    """SHA-256 of a model's content: a skops file's canonical entries, uncompressed. The digest a model is registered
+    with (`mlnb.model_sha256`): the same for every file of the same model, computed without compressing anything."""
+    h = hashlib.sha256()
+    for name, data, _ in _canonical_entries(path):
+        h.update(f"{name}\0{len(data)}\0".encode()); h.update(data)
+    return h.hexdigest()
+
+def _canonical_skops(path: Path):
+    "Rewrite a skops file in its canonical form (see `canonical_skops_bytes`)."
+    data = canonical_skops_bytes(path)
+    tmp = path.with_suffix(".tmp"); tmp.write_bytes(data); os.replace(tmp, path)
+
+# Reviewed: scikit-learn and NumPy internals that skops does not trust by default but common models hold
+# (tree structures, a histogram GBM's predictors, neighbour trees, optimizer state, calibrators, dtypes). Loading
+# them builds plain data objects; none of them runs code of the file's choosing. skops warns that a crafted tree
+# (out-of-range node indices) can crash `predict`: that is why the digest check comes first, so only the bytes mlnb
+# wrote at registration are ever built. A project adds its own reviewed types with `trusted_types = module.Type, ...`.
+TRUSTED_TYPES = (
+    "numpy.dtype",
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+    "sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64", "sklearn.metrics._dist_metrics.ManhattanDistance64",
+    "sklearn.metrics._dist_metrics.MinkowskiDistance64",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer", "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
+    "sklearn.compose._column_transformer._RemainderColsList",
+)
+MODEL_FILE = "model.skops"
+
+def trusted_types(cfg: Config | dict | None = None) -> list:
+    "The types a model file may hold: the reviewed `TRUSTED_TYPES` and the project's `trusted_types` setting."
+    extra = (getattr(cfg, "extra", cfg) or {}).get("trusted_types") or ""  # a Config or its [mlnb] values
+    return [*TRUSTED_TYPES, *(t.strip() for t in str(extra).split(",") if t.strip())]
 
 def _is_estimator(obj) -> bool:
     return hasattr(obj, "fit") and hasattr(obj, "get_params")
@@ -115,12 +176,18 @@ def _read_json(path: Path, default):
     return json.loads(path.read_text()) if path.exists() else default
 
 # %% ../nbs/03_stage.ipynb #0009
+_RESERVED = {"metrics": "logged metrics (metrics.json)", "products": "product list (products.json)",
+             "manifest": "cache record (manifest.json)", "notebook": "executed notebook", "inputs": "record of data read from outside the project (inputs.json)",
+             "mlflow_run": "MLflow run record (mlflow_run.json)"}
+
 def save(name: str, # product name, unique within the stage: letters, digits, `_`, `-`
          obj,       # DataFrame, dict/list/scalar, NumPy array, or fitted scikit-learn estimator
         ) -> Path:
     "Write `obj` as the product `name` of this stage; returns its path."
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"product name {name!r} is not valid; use letters, digits, '_' and '-'")
+    if name in _RESERVED:  # these files are the stage's own records: a product of that name would overwrite one (or be overwritten)
+        raise ConfigError(f"product name {name!r} is taken by the stage's {_RESERVED[name]}; choose another name")
     out = Path(context()["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     manifest = _read_json(out / PRODUCTS, {})
@@ -140,8 +207,35 @@ def _read(path: Path, meta: dict):
     if kind == "npy":
         import numpy as np; return np.load(path, allow_pickle=False)
     if kind == "skops":
-        import skops.io as sio; return sio.load(path, trusted=meta.get("trusted", []))
+        import skops.io as sio
+        ctx = context()
+        found = sio.get_untrusted_types(file=path)  # reads the file's schema only; nothing in it runs
+        untrusted = [t for t in found if t not in (ctx["trusted_types"] if "trusted_types" in ctx else trusted_types())]
+        if untrusted:
+            raise ModelRefused(f"{path.name} holds types nobody has reviewed: {', '.join(untrusted)}; mlnb loads only trusted types "
+                               f"(if you reviewed them, add `trusted_types = {', '.join(untrusted)}` to settings.ini [mlnb])")
+        return sio.load(path, trusted=found)
     raise ConfigError(f"product {path.name} has unknown kind {kind!r}; known: parquet, json, npy, skops")
+
+_CHECKED: dict = {}  # (path, size, mtime, ctime, inode) -> SHA-256, for files this process has hashed
+
+def _check_product(entry: Path, meta: dict, what: str) -> Path:
+    "The path of a product's file, if its bytes are the ones its stage recorded; else one line of refusal."
+    f = meta.get("file")
+    if not isinstance(f, str) or not f or Path(f).name != f:
+        raise ValidationError(f"{what}: products.json names the file {f!r}, which is not a file of its entry; it was not read")
+    path = entry / f
+    try: st = path.stat()
+    except OSError: raise NotFound(f"{what}: its file {f} is missing from {entry}") from None
+    err = ModelRefused if meta.get("kind") == "skops" else ValidationError
+    again = "it changed after its stage wrote it, so it was not read; `mlnb run` runs that stage again"
+    if meta.get("bytes") is not None and st.st_size != meta["bytes"]:
+        raise err(f"{what}: {f} has {st.st_size} bytes, but its stage wrote {meta['bytes']}; {again}")
+    k = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if k not in _CHECKED: _CHECKED[k] = file_digest(path)
+    if _CHECKED[k] != meta.get("sha256"):
+        raise err(f"{what}: {f} has digest {_CHECKED[k][:12]}…, but its stage recorded {str(meta.get('sha256'))[:12]}… in products.json; {again}")
+    return path
 
 def _find(name: str, stage: str | None = None) -> tuple:
     ups = context()["upstream"]
@@ -164,7 +258,7 @@ def load(name: str,               # product name
         ):
     "Read the product `name` of an upstream stage."
     up, entry, meta = _find(name, stage)
-    return _read(entry / meta["file"], meta)
+    return _read(_check_product(entry, meta, f"product '{name}' of stage '{up}'"), meta)
 
 def digest(name: str, stage: str | None = None) -> str:
     "The SHA-256 digest of an upstream product (e.g. to tag a registered model with its content)."

@@ -12,8 +12,8 @@ from .errors import ConfigError, NotFound, ValidationError
 from .tasks import Task, task_of, resolved, predict, monitor_column
 
 # %% auto #0
-__all__ = ['project', 'task', 'xy', 'read_data', 'contract_path', 'validate', 'serving_contract', 'split', 'evaluate', 'gate',
-           'register']
+__all__ = ['DATA_SUFFIXES', 'project', 'task', 'xy', 'read_data', 'contract_path', 'validate', 'serving_contract', 'split',
+           'evaluate', 'gate', 'register']
 
 # %% ../nbs/13_steps.ipynb #0005
 def project() -> Config:
@@ -34,12 +34,23 @@ def _inside(cfg: Config, rel) -> Path:
         raise ConfigError(f"{rel} is outside the project {cfg.root}; data files are named relative to the project folder")
     return p
 
+DATA_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
+
 def read_data(path):
-    "A data file of the project (`.csv`, `.parquet`, `.jsonl`), named relative to the project folder."
+    """A data file (`.csv`, `.parquet`, `.jsonl`): named relative to the project folder, and inside it; or an absolute
+    path, named on purpose, which the stage records (path and digest in its `inputs.json`)."""
     from mlnb.monitor import read_table
     cfg = project()
-    p = _inside(cfg, path)
-    if not p.is_file(): raise NotFound(f"data file {path} does not exist under the project {cfg.root}")
+    if Path(str(path)).suffix not in DATA_SUFFIXES:
+        raise ConfigError(f"data file {path}: accepted formats are {', '.join(DATA_SUFFIXES)}")
+    outside = Path(str(path)).is_absolute()
+    p = Path(path).resolve() if outside else _inside(cfg, path)
+    if not p.is_file(): raise NotFound(f"data file {path} does not exist{'' if outside else f' under the project {cfg.root}'}")
+    if outside or not p.is_relative_to(cfg.root.resolve()):
+        out = Path(stage.context()["out_dir"]); out.mkdir(parents=True, exist_ok=True)
+        rec = json.loads((out / "inputs.json").read_text()) if (out / "inputs.json").exists() else {}
+        rec[str(p)] = {"sha256": stage.file_digest(p), "bytes": p.stat().st_size, "outside_project": True}
+        (out / "inputs.json").write_text(json.dumps(rec, indent=1))
     return read_table(p)
 
 # %% ../nbs/13_steps.ipynb #0007
@@ -84,13 +95,16 @@ def split(df, holdout_fraction: float = 0.25, seed: int = 0) -> tuple:
     return train, holdout
 
 # %% ../nbs/13_steps.ipynb #0011
-def evaluate(model, holdout) -> dict:
-    "Every metric of the task on the holdout; saved as the product `metrics` and logged."
+def evaluate(model, holdout, plots: bool = True) -> dict:
+    "Every metric of the task on the holdout, saved as the product `holdout_metrics` and logged; in a notebook, the evaluation plots below it."
     from mlnb.tasks import evaluate as task_metrics
     t = task()
     metrics = task_metrics(t, model, *t.split(holdout))
-    stage.save("metrics", metrics)
+    stage.save("holdout_metrics", metrics)
     stage.log_metrics(metrics)
+    if plots:
+        from mlnb.governance import evaluation_plots, show_plots
+        show_plots(evaluation_plots(resolved(t, model), model, holdout))
     return metrics
 
 def gate(model, holdout, custom: list | tuple = ()) -> dict:
@@ -108,25 +122,35 @@ def _digest(model) -> str:
     "The content digest of a fitted model (its canonical skops file)."
     with tempfile.TemporaryDirectory() as d:
         fname, _, _ = stage._write(model, Path(d) / "model")
-        return stage.file_digest(Path(d) / fname)
+        return stage.skops_digest(Path(d) / fname)
 
 def register(model,                 # the fitted model: a scikit-learn estimator or Pipeline, raw features in
              train, holdout,         # the training data and the holdout, as tables with the target
              gates: dict | None = None, # the gate report of an earlier stage (`steps.gate`); default: run the gates here
              custom: list | tuple = (),  # the project's own gates, when they are run here
              reference_rows: int = 5000, # rows of training data kept as the monitoring reference
+             interactive: bool = False,  # register even from a notebook run by hand (outside `mlnb run`), on purpose
             ) -> dict:
     "Register `model` as a version of the project's model, decide its promotion and write its card; raises `GateFailed` when a gate failed."
     from mlnb import tracking
     from mlnb.contracts import contract_to_yaml
     from mlnb.gates import decide_promotion, raise_for_gates, check_gates, gate_limits
-    from mlnb.governance import model_card, card_html
+    from mlnb.governance import model_card, card_html, evaluation_plots
     cfg, ctx = project(), stage.context()
     t = resolved(task_of(cfg), model)
     X_train, _ = t.split(train)
     features = list(X_train.columns)
     if gates is None: gates = check_gates(model, holdout, t, gate_limits(cfg, t), custom=custom)
     metrics = gates["metrics"]
+    if ctx.get("interactive") and not interactive:  # a notebook run by hand: show what a pipeline run would do, write nothing
+        failed = [g["reason"] for g in gates["gates"] if not g["passed"]]
+        policy = cfg.get("promotion", "manual")
+        fate = (f"failed {len(failed)} gate(s): {'; '.join(failed)}" if failed else
+                f"passed all {len(gates['gates'])} gates; `mlnb run` would register it and make it the "
+                f"{'champion (if the policy allows it and it does not regress)' if policy == 'auto' else 'challenger'}")
+        stage.note(f"interactive run: nothing registered (the registry, its aliases and the audit log are written only by `mlnb run`, "
+              f"or with interactive=True). This model {fate}.")
+        return {"version": None, "action": "not registered (interactive run)", "passed": not failed, "gates": gates["gates"]}
     reference = X_train.sample(min(len(X_train), reference_rows), random_state=0).reset_index(drop=True)
     col = monitor_column(t)
     reference[col] = predict(t, model, reference[features])[col]  # what the monitor compares production answers with
@@ -134,7 +158,7 @@ def register(model,                 # the fitted model: a scikit-learn estimator
     tmp = Path(tempfile.mkdtemp())
     holdout.to_parquet(tmp / "holdout.parquet", index=False)
     contract = contract_to_yaml(serving_contract(cfg, train, features))
-    version = tracking.register_model(model, holdout[features], digest=_digest(model), cfg=cfg,
+    version = tracking.register_model(model, holdout[features], digest=_digest(model), cfg=cfg, interactive=interactive,
                                       tags={**{f"holdout.{k}": round(v, 6) for k, v in metrics.items()},
                                             "mlnb.task": json.dumps(t.to_dict()), "mlnb.primary_metric": t.primary},
                                       artifacts={"contract.yaml": contract, "gates.json": json.dumps(gates, indent=1, default=str),
@@ -144,9 +168,11 @@ def register(model,                 # the fitted model: a scikit-learn estimator
     stage.save("promotion", decision)
     try: data_digest = stage.digest("train")
     except NotFound: data_digest = None
+    plots = evaluation_plots(t, model, holdout)
     card = model_card(cfg, version["version"], metrics, decision, train, holdout, t,
-                      run={"run_id": ctx.get("run_id"), "git": ctx.get("git"), "data_digest": data_digest})
-    tracking.log_version_artifacts(cfg, version["version"], {"model_card.md": card, "model_card.html": card_html(card, f"{cfg.model_name} v{version['version']}")})
+                      run={"run_id": ctx.get("run_id"), "git": ctx.get("git"), "data_digest": data_digest}, plots=list(plots))
+    tracking.log_version_artifacts(cfg, version["version"], {"model_card.md": card, **{f"plots/{n}": png for n, png in plots.items()},
+                                                             "model_card.html": card_html(card, f"{cfg.model_name} v{version['version']}", plots)})
     stage.save("model_card", card)
     raise_for_gates(decision)
     return {"version": version["version"], "action": decision["action"], "passed": decision["passed"]}

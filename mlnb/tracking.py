@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib, fcntl, json, os, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 from .config import Config, load_config
-from .errors import TrackingError, NotFound
+from .errors import ConfigError, TrackingError, NotFound, ModelRefused
 from .audit import actor, record as audit_record
+from .stage import skops_digest, TRUSTED_TYPES, MODEL_FILE, trusted_types
+
 
 # %% auto #0
-__all__ = ['HISTORY', 'check_tracking', 'store_lock', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'register_model',
-           'alias_history', 'set_alias', 'rollback', 'list_versions', 'load_model', 'version_artifact_path',
-           'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring', 'load_model_path',
-           'read_aliases', 'version_tags', 'model_version_info']
+__all__ = ['EXPERIMENT_KIND', 'HISTORY', 'check_tracking', 'store_lock', 'watch_store', 'sync_run', 'pid_alive', 'follow_run',
+           'spawn_sync', 'check_trusted', 'load_verified', 'load_version', 'version_registered', 'register_model',
+           'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model',
+           'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring',
+           'load_model_path', 'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -49,6 +52,29 @@ def store_lock(cfg: Config):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
+_STORE_FILES: dict = {}
+
+def watch_store(uri: str):
+    """Notice when a SQLite store's file was replaced (restored from a backup, recreated) and make MLflow open the new one.
+
+    MLflow caches one SQLAlchemy engine per URI for the life of the process: after `mlflow.db` is replaced, a long-lived
+    process (the model service, a test) would go on reading the deleted file and never see a change again."""
+    if not uri.startswith("sqlite:///"): return
+    try: st = os.stat(uri[len("sqlite:///"):]); ident = (st.st_dev, st.st_ino)
+    except OSError: ident = None
+    if _STORE_FILES.setdefault(uri, ident) == ident: return
+    _STORE_FILES[uri] = ident
+    import sys as _sys
+    for mod in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+        store = getattr(_sys.modules.get(mod), "SqlAlchemyStore", None)
+        engine = store._engine_map.pop(uri, None) if store is not None else None
+        if engine is not None: engine.dispose()
+    for mod, attr in (("mlflow.tracking._tracking_service.utils", "_tracking_store_registry"),
+                      ("mlflow.tracking._model_registry.utils", "_model_registry_store_registry")):
+        registry = getattr(_sys.modules.get(mod), attr, None)
+        cached = getattr(registry, "_get_store_with_resolved_uri", None)
+        if cached is not None and hasattr(cached, "cache_clear"): cached.cache_clear()
+
 def _mlflow(cfg: Config):
     "Import mlflow, point it at the project's store, and translate its start-up failures."
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -60,13 +86,19 @@ def _mlflow(cfg: Config):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
     mlflow.set_tracking_uri(cfg.tracking_uri); mlflow.set_registry_uri(cfg.tracking_uri)
+    watch_store(cfg.tracking_uri)
     return mlflow
 
 def _experiment_id(client, cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is not None: return exp.experiment_id
+    if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags: client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        return exp.experiment_id
     loc = (cfg.root / cfg.artifact_root).resolve().as_uri() if cfg.tracking_uri.startswith("sqlite:") else None
-    return client.create_experiment(cfg.experiment, artifact_location=loc)
+    # the model-training view of the MLflow UI (without a kind, MLflow 3 opens an empty GenAI "Traces" page)
+    return client.create_experiment(cfg.experiment, artifact_location=loc, tags={EXPERIMENT_KIND: "custom_model_development"})
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 @contextlib.contextmanager
 def _client(cfg: Config):
@@ -82,7 +114,7 @@ def _client(cfg: Config):
 def _stage_tags(rec: dict, name: str, st: dict, parent: str) -> dict:
     tags = {"mlflow.parentRunId": parent, "mlflow.runName": name, "mlnb.run_id": rec["run_id"], "mlnb.stage": name,
             "mlnb.cache": "hit" if st["status"] == "cached" else "miss", "mlnb.cache_key": st.get("key") or "",
-            "mlnb.status": st["status"]}
+            "mlnb.status": st["status"], "mlflow.user": rec.get("user") or ""}
     for p, meta in (st.get("products") or {}).items(): tags[f"mlnb.product.{p}.sha256"] = meta["sha256"]
     if st.get("error"): tags["mlnb.error"] = st["error"][:5000]
     if st.get("source_run"): tags["mlnb.source_run_id"] = st["source_run"]
@@ -107,6 +139,32 @@ def _read_json(p: Path, default=None):
     return json.loads(p.read_text()) if p.exists() else default
 
 # %% ../nbs/04_tracking.ipynb #0011
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    try: client.get_run(run_id); return True
+    except MlflowException: return False
+
+def _notebook_html(nb: Path) -> str | None:
+    "An executed notebook as one HTML page (JupyterLab's look, outputs and plots inline), or None if it cannot be rendered."
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+        body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(nb, as_version=4))
+        return body
+    except Exception: return None  # a notebook the renderer cannot read is still logged as .ipynb
+
+def _made_by(rec: dict, st: dict) -> bool:
+    "Whether this run made the stage's products (not reused, and not a `--force` rerun that found the same products already kept)."
+    if st["status"] != "done" or not st.get("entry"): return False
+    return (_read_json(Path(st["entry"]) / "manifest.json", {}) or {}).get("run_id") == rec["run_id"]
+
+def _same_version(client, mv: dict) -> bool:
+    "Whether the store still holds the version a stage registered (the same number with the same model), not a lost or a new one."
+    from mlflow.exceptions import MlflowException
+    try: tags = client.get_model_version(mv["name"], str(mv["version"])).tags
+    except MlflowException: return False
+    return not mv.get("model_sha256") or tags.get("mlnb.model_sha256") == mv["model_sha256"]
+
 def sync_run(cfg: Config, run_dir: Path | str) -> dict:
     "Copy the record of the pipeline run in `run_dir` into MLflow; returns the MLflow run ids (idempotent)."
     run_dir = Path(run_dir)
@@ -115,11 +173,13 @@ def sync_run(cfg: Config, run_dir: Path | str) -> dict:
     tfile = run_dir / "tracking.json"
     with _client(cfg) as client:
         tr = _read_json(tfile, {"parent_run_id": None, "stages": {}})
+        if tr["parent_run_id"] and not _run_exists(client, tr["parent_run_id"]):
+            tr = {"parent_run_id": None, "stages": {}}  # the store lost the run (a new or restored mlflow.db): log it again
         if tr.get("synced_rev") == rec.get("rev"): return tr
         exp_id = _experiment_id(client, cfg)
         if tr["parent_run_id"] is None:
             git = rec.get("git") or {}
-            tags = {"mlflow.runName": f"pipeline {rec['run_id']}", "mlnb.run_id": rec["run_id"], "mlnb.kind": "pipeline",
+            tags = {"mlflow.runName": f"pipeline {rec['run_id']}", "mlnb.run_id": rec["run_id"], "mlnb.kind": "pipeline", "mlflow.user": rec.get("user") or "",
                     "mlnb.run_dir": str(run_dir), "mlnb.version": rec.get("mlnb_version", ""),
                     "mlnb.data_digest": rec.get("data_digest") or "", "mlflow.source.git.commit": git.get("commit") or "",
                     "mlnb.git.commit": git.get("commit") or "", "mlnb.git.dirty": str(git.get("dirty", "")).lower()}
@@ -130,27 +190,34 @@ def sync_run(cfg: Config, run_dir: Path | str) -> dict:
         for name, st in rec["stages"].items():
             if st["status"] not in ("done", "cached", "failed") or tr["stages"].get(name, {}).get("attempt") == st.get("attempt"): continue
             entry = Path(st["entry"]) if st.get("entry") else None
-            own = _read_json(entry / "mlflow_run.json") if entry and st["status"] == "done" else None
+            own = (_read_json(entry / "mlflow_run.json") if _made_by(rec, st)  # the run a stage opened itself (a registered model's)
+                   else _read_json(run_dir / "mlflow_runs" / f"{name}.json") if st["status"] == "failed" else None)
             start = int(st.get("started", rec["started"]) * 1000)
-            run_id = own["run_id"] if own else client.create_run(exp_id, start_time=start, tags={}).info.run_id
+            run_id = own["run_id"] if own and _run_exists(client, own["run_id"]) else client.create_run(exp_id, start_time=start, tags={}).info.run_id
             metrics = dict(_read_json(entry / "metrics.json", {}) if entry else {})
             metrics["duration_s"] = st.get("duration", 0.0)
             _log(client, run_id, params=st.get("params", {}), metrics=metrics, tags=_stage_tags(rec, name, st, parent))
             nb = run_dir / "notebooks" / f"{name}.ipynb"
-            if nb.exists(): client.log_artifact(run_id, str(nb), "notebooks")
+            if nb.exists():
+                client.log_artifact(run_id, str(nb), "notebooks")
+                html = _notebook_html(nb)  # the MLflow UI shows an .ipynb as raw JSON; the HTML it renders
+                if html: client.log_text(run_id, html, f"notebooks/{name}.html")
             client.set_terminated(run_id, "FAILED" if st["status"] == "failed" else "FINISHED",
                                   end_time=int((st.get("started", rec["started"]) + st.get("duration", 0)) * 1000))
             tr["stages"][name] = {"run_id": run_id, "attempt": st.get("attempt")}
+        headline = {}  # every stage's metrics on the parent too, so runs compare and sort by their model's quality
+        for name, st in rec["stages"].items():
+            if st["status"] in ("done", "cached") and st.get("entry"): headline.update(_read_json(Path(st["entry"]) / "metrics.json", {}))
         _log(client, parent, tags={"mlnb.status": rec["status"], "mlnb.data_digest": rec.get("data_digest") or ""},
-             metrics={"duration_s": rec.get("duration", 0.0), "stages_run": sum(s["status"] == "done" for s in rec["stages"].values()),
+             metrics={**headline, "duration_s": rec.get("duration", 0.0), "stages_run": sum(s["status"] == "done" for s in rec["stages"].values()),
                       "stages_cached": sum(s["status"] == "cached" for s in rec["stages"].values())})
         if rec["status"] != "running": client.log_artifact(parent, str(run_dir / "run.json"))
         ended = rec.get("ended")
         if rec["status"] == "running": client.update_run(parent, "RUNNING")
         else: client.set_terminated(parent, _STATUS.get(rec["status"], "FINISHED"), end_time=int(ended * 1000) if ended else None)
         for name, st in rec["stages"].items():
-            mv = _read_json(Path(st["entry"]) / "model_version.json") if st.get("entry") and st["status"] == "done" else None
-            if mv:
+            mv = _read_json(Path(st["entry"]) / "model_version.json") if _made_by(rec, st) else None
+            if mv and not mv.get("reused") and _same_version(client, mv):  # a version registered by an earlier run keeps its own lineage
                 client.set_model_version_tag(mv["name"], mv["version"], "mlnb.parent_run_id", parent)
                 if rec.get("data_digest"): client.set_model_version_tag(mv["name"], mv["version"], "mlnb.data_digest", rec["data_digest"])
         tr.update(synced_status=rec["status"], synced_rev=rec.get("rev"), experiment_id=exp_id)
@@ -185,6 +252,60 @@ def spawn_sync(cfg: Config, run_dir: Path | str, follow: bool = True) -> subproc
         return subprocess.Popen(args + (["--follow"] if follow else []), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=cfg.root)
 
+# %% ../nbs/04_tracking.ipynb #a99cc570
+def check_trusted(found: list, trusted: list, what: str = "the model"):
+    "Raise `ModelRefused` naming the types of `found` that are not in `trusted`, and how to trust them after review."
+    untrusted = [t for t in found if t not in trusted]
+    if untrusted:
+        raise ModelRefused(f"{what} holds types nobody has reviewed: {', '.join(untrusted)}; mlnb loads only trusted types "
+                           f"(if you reviewed them, add `trusted_types = {', '.join(untrusted)}` to settings.ini [mlnb])")
+
+def load_verified(path: Path | str,          # a model folder (holding `model.skops`) or the skops file itself
+                  expected: str | None,      # the SHA-256 recorded at registration (`mlnb.model_sha256`)
+                  trusted: list | None = None, # types the file may hold; default: `trusted_types()`
+                  what: str = "the model",   # how errors name the model
+                 ):
+    "Load a scikit-learn model from its skops file, only if its digest matches `expected`; never a pickle."
+    import zipfile
+    path = Path(path)
+    f = path / MODEL_FILE if path.is_dir() else path
+    if f.name != MODEL_FILE or not f.is_file():
+        raise ModelRefused(f"{what}: no {MODEL_FILE} in {path.name or path}; mlnb loads models only from skops files, never from a pickle")
+    if not expected:
+        raise ModelRefused(f"{what} has no digest recorded at registration (mlnb.model_sha256); register it again through the pipeline")
+    try: found = skops_digest(f)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise ModelRefused(f"{what}: {MODEL_FILE} is not a readable skops file ({type(e).__name__}); it was changed after registration") from None
+    if found != expected:
+        raise ModelRefused(f"{what}: {MODEL_FILE} has digest {found[:12]}…, but {expected[:12]}… was registered; "
+                           "the file was changed after registration, so it was not loaded")
+    import skops.io as sio
+    from skops.io.exceptions import UntrustedTypesFoundException
+    try: return sio.load(f, trusted=trusted_types() if trusted is None else list(trusted))  # skops refuses any type not listed
+    except UntrustedTypesFoundException:
+        check_trusted(sio.get_untrusted_types(file=f), trusted_types() if trusted is None else list(trusted), what); raise
+
+def _download_model(name: str, version) -> Path:
+    import mlflow, tempfile
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="mlnb-model-")))
+
+def load_version(tracking_uri: str, name: str, version, trusted: list | None = None):
+    "The model of one registered version, read from the store at `tracking_uri` and checked against its registered digest."
+    import mlflow, shutil
+    mlflow.set_tracking_uri(tracking_uri); mlflow.set_registry_uri(tracking_uri)
+    watch_store(tracking_uri)
+    mv = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_model_version(name, str(version))
+    local = _download_model(name, version)
+    try: return load_verified(local, mv.tags.get("mlnb.model_sha256"), trusted, what=f"model '{name}' version {version}")
+    finally: shutil.rmtree(local, ignore_errors=True)
+
+def version_registered(cfg: Config, model_version: dict) -> bool:
+    "Whether the registry still has this version (`{name, version}` as `register_model` returned it), with the same model digest."
+    try:
+        with _client(cfg) as client: return _same_version(client, model_version)
+    except (TrackingError, KeyError): return False
+
+
 # %% ../nbs/04_tracking.ipynb #0015
 def _requirements() -> list[str]:
     from importlib.metadata import version
@@ -197,40 +318,55 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
                    digest: str | None = None, # content digest of the model; a version with the same digest is reused
                    artifacts: dict | None = None, # {file name: text} logged beside the model (contract, gate report)
                    cfg: Config | None = None,
+                   interactive: bool = False, # register even from a notebook run by hand (outside `mlnb run`), on purpose
                   ) -> dict:
     "Log `model` to MLflow from inside a stage and register it as a new version; returns name, version, run id, URI."
     from mlnb import stage
-    import skops.io as sio
+    import skops.io as sio, tempfile
     ctx = stage.context()
+    if ctx.get("interactive") and not interactive:
+        raise ConfigError("not registered: this notebook runs outside a pipeline run, and a notebook run by hand does not write to the "
+                          "registry, its aliases or the audit log; run the stage with `mlnb run --only STAGE`, or pass interactive=True "
+                          "to register from here on purpose")
     cfg = cfg or load_config(ctx["project"])
     name = name or ctx.get("model_name") or cfg.model_name
     mlflow = _mlflow(cfg)
-    if digest:  # registering the same model twice (a rerun after a later stage failed) must not make a second version
-        with _client(cfg) as client:
-            try: same = client.search_model_versions(f"name = '{name}' and tags.`mlnb.model_sha256` = '{digest}'")
-            except Exception: same = []
-        if same:
-            mv = same[0]
-            out = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "model_uri": f"models:/{name}/{mv.version}",
-                   "logged_model_uri": mv.source, "reused": True}
-            od = Path(ctx["out_dir"]); od.mkdir(parents=True, exist_ok=True)
-            (od / "model_version.json").write_text(json.dumps(out))
-            return out
+    types = sio.get_untrusted_types(data=sio.dumps(model))
+    check_trusted(types, trusted_types(cfg), "the model to register")  # what cannot be loaded safely is not registered
+    if not digest:
+        with tempfile.TemporaryDirectory() as d:
+            stage._write(model, Path(d) / "model"); digest = skops_digest(Path(d) / "model.skops")
+    od = Path(ctx["out_dir"]); od.mkdir(parents=True, exist_ok=True)
     from mlflow.models import infer_signature
     example = example.head(5)
     signature = infer_signature(example, model.predict(example))
-    trusted = sio.get_untrusted_types(data=sio.dumps(model))
-    run_tags = {"mlflow.runName": ctx["stage"], "mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"]}
+    run_tags = {"mlflow.runName": ctx["stage"], "mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"], "mlflow.user": actor()}
+    # one lock from the search to the new version: two runs registering the same model at once make one version
     with _client(cfg) as client:
+        same = client.search_model_versions(f"name = '{name}' and tags.`mlnb.model_sha256` = '{digest}'")
+        if same:  # the same model registered before (a rerun after a later stage failed): no second version
+            mv = min(same, key=lambda v: int(v.version))
+            out = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "model_uri": f"models:/{name}/{mv.version}",
+                   "logged_model_uri": mv.source, "model_sha256": digest, "reused": True}
+            (od / "model_version.json").write_text(json.dumps(out))
+            return out
         exp_id = _experiment_id(client, cfg)
         run_id = client.create_run(exp_id, tags=run_tags).info.run_id
+        if ctx.get("run_dir"):  # kept beside the run even when the stage fails later (its products are not): sync nests it under the pipeline run
+            (Path(ctx["run_dir"]) / "mlflow_runs").mkdir(exist_ok=True)
+            (Path(ctx["run_dir"]) / "mlflow_runs" / f"{ctx['stage']}.json").write_text(json.dumps({"run_id": run_id}))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=example,
                                             pip_requirements=_requirements(), serialization_format="skops",
-                                            skops_trusted_types=trusted)
+                                            skops_trusted_types=types)
             for fname, content in (artifacts or {}).items():
                 if isinstance(content, Path): mlflow.log_artifact(str(content))
                 else: mlflow.log_text(content, fname)
+        with tempfile.TemporaryDirectory(prefix="mlnb-model-") as d:
+            logged = mlflow.artifacts.download_artifacts(artifact_uri=client.get_logged_model(info.model_id).artifact_location + "/" + MODEL_FILE, dst_path=d)
+            stored = skops_digest(logged)
+        if stored != digest:  # the tag must name the bytes in the store, or no load would ever pass
+            raise TrackingError(f"the model file MLflow stored for '{name}' does not have the digest of the model ({digest[:12]}…); not registered")
         try: client.get_registered_model(name)
         except Exception: client.create_registered_model(name)
         git = ctx.get("git") or {}
@@ -242,8 +378,7 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
         audit_record(cfg, "model.registered", {"model": name, "version": mv.version, "run": ctx.get("run_id") or "interactive", "mlflow_run": run_id},
                      {"model_sha256": digest, "git": git})
     out = {"name": name, "version": int(mv.version), "run_id": run_id, "model_uri": f"models:/{name}/{mv.version}",
-           "logged_model_uri": info.model_uri, "reused": False}
-    od = Path(ctx["out_dir"]); od.mkdir(parents=True, exist_ok=True)
+           "logged_model_uri": info.model_uri, "model_sha256": digest, "reused": False}
     (od / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
     (od / "model_version.json").write_text(json.dumps(out))
     return out
@@ -281,12 +416,44 @@ def set_alias(cfg: Config, alias: str, version, reason: str, kind: str = "set", 
         prev = rm.aliases.get(alias)
         event = {"seq": seq, "alias": alias, "from": int(prev) if prev is not None else None, "to": version, "kind": kind,
                  "who": actor(), "when": time.time(), "why": reason}
+        if prev is not None and int(prev) == version:  # nothing moves: not a promotion, not a deployment, not in the history
+            return {**event, "seq": None, "kind": "unchanged"}
         client.set_registered_model_alias(name, alias, str(version))
         client.set_registered_model_tag(name, f"{HISTORY}{seq:06d}", json.dumps(event))
+        for v in {version, event["from"]} - {None}: _describe_version(client, name, v)
         kind = {"promote": "model.promoted", "rollback": "model.rolled_back"}.get(kind, "model.alias_set")
         audit_record(cfg, kind, {"model": name, "version": version, "alias": alias},
                      {"from": event["from"], "to": version, "why": reason, "history_seq": seq})
     return event
+
+def _describe_version(client, name: str, version) -> str:
+    "Write a version's description as a person reads it in the MLflow UI: where it came from, its gates, its alias moves with dates."
+    from mlnb.audit import _when
+    mv, rm = client.get_model_version(name, str(version)), client.get_registered_model(name)
+    t = mv.tags
+    git = (t.get("mlnb.git.commit") or "")[:10] or "unknown commit"
+    lines = [f"Version {version} of {name}: trained by pipeline run {t.get('mlnb.run_id', '?')} from git {git}"
+             + (" with uncommitted changes" if t.get("mlnb.git.dirty") == "true" else "") + "."]
+    metrics = {k[len("holdout."):]: v for k, v in t.items() if k.startswith("holdout.")}
+    if metrics: lines += ["", "Holdout: " + ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))]
+    gates = json.loads(t.get("mlnb.gates") or "[]")
+    if gates:
+        lines += ["", f"Gates ({'all passed' if t.get('mlnb.gates.passed') == 'true' else 'failed'}):", "", "| gate | value | limit | |", "|---|---|---|---|"]
+        lines += [f"| {g.get('gate')} | {g.get('value') if not isinstance(g.get('value'), float) else format(g['value'], '.4g')} | {g.get('limit')} | "
+                  f"{'pass' if g.get('passed') else 'FAIL: ' + str(g.get('reason', ''))} |" for g in gates]
+    moves = [json.loads(v) for k, v in sorted(rm.tags.items()) if k.startswith(HISTORY)]
+    moves = [e for e in moves if int(version) in (e.get("to"), e.get("from"))]
+    if moves:
+        lines += ["", "Alias history:"]
+        lines += [f"- {_when(e['when'])}: {e['alias']} {'to' if e['to'] == int(version) else 'moved away, to v' + str(e['to'])}"
+                  f" ({e['kind']} by {e['who']}: {e['why']})" for e in moves]
+    text = "\n".join(lines)
+    client.update_model_version(name, str(version), description=text[:5000])
+    return text
+
+def describe_version(cfg: Config, version, name: str | None = None) -> str:
+    "Rewrite a version's MLflow description from its tags, gates and alias moves (after its gates are recorded or an alias moves)."
+    with _client(cfg) as client: return _describe_version(client, name or cfg.model_name, version)
 
 def _champion_line(history: list) -> list:
     "Champion versions in promotion order, without those rolled back."
@@ -319,15 +486,17 @@ def list_versions(cfg: Config, name: str | None = None) -> list:
     return sorted(out, key=lambda v: v["version"], reverse=True)
 
 def load_model(cfg: Config, ref: str, name: str | None = None):
-    "The scikit-learn model of a version or alias (`3`, `champion`), or None if the alias is not set."
+    "The scikit-learn model of a version or alias (`3`, `champion`), or None if the alias is not set; checked against its registered digest."
     name = name or cfg.model_name
-    mlflow = _mlflow(cfg)
+    _mlflow(cfg)
     with _client(cfg) as client:
         rm = _registered(client, name)
         if not str(ref).isdigit() and ref not in rm.aliases: return None
-        if str(ref).isdigit(): _check_version(client, name, ref)
-    uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
-    return mlflow.sklearn.load_model(uri)
+        version = _check_version(client, name, ref) if str(ref).isdigit() else int(rm.aliases[ref])
+    try: return load_version(cfg.tracking_uri, name, version, trusted_types(cfg))
+    except ModelRefused as e:
+        audit_record(cfg, "model.refused", {"model": name, "version": version}, {"why": str(e), "ref": str(ref)})
+        raise
 
 def version_artifact_path(cfg: Config, version, path: str, name: str | None = None) -> Path | None:
     "A local copy of an artifact logged beside a version's model (e.g. `reference.parquet`), or None."
@@ -352,14 +521,15 @@ def version_artifact(cfg: Config, version, path: str, name: str | None = None) -
     return local.read_text() if local else None
 
 def log_version_artifacts(cfg: Config, version, files: dict, name: str | None = None):
-    "Log `{file name: text}` beside a version's model (in its MLflow run), e.g. its model card."
+    "Log `{file name: text or bytes}` beside a version's model (in its MLflow run), e.g. its model card."
     import tempfile
     name = name or cfg.model_name
     with _client(cfg) as client, tempfile.TemporaryDirectory() as tmp:
         mv = client.get_model_version(name, str(version))
-        for fname, text in files.items():
-            (Path(tmp) / fname).write_text(text)
-            client.log_artifact(mv.run_id, str(Path(tmp) / fname))
+        for fname, content in files.items():  # text or bytes; a name may have a folder (`plots/roc_pr.png`)
+            local = Path(tmp) / Path(fname).name
+            local.write_bytes(content) if isinstance(content, bytes) else local.write_text(content)
+            client.log_artifact(mv.run_id, str(local), str(Path(fname).parent) if Path(fname).parent != Path(".") else None)
 
 def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: dict | None = None) -> str:
     "Record a monitoring check as a run of the experiment `<experiment>-monitoring`, tagged with the model version."
@@ -388,6 +558,7 @@ def read_aliases(tracking_uri: str, name: str) -> dict:
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     from mlflow.exceptions import MlflowException
+    watch_store(tracking_uri)
     try: rm = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_registered_model(name)
     except MlflowException as e:
         raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: {str(e).splitlines()[0]} "

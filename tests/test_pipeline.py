@@ -99,7 +99,8 @@ def test_failing_stage_then_resume(chain):
     add_stage(chain, "b", "upstream = ['a']\nfactor = 2", "from mlnb import stage\nstage.save('doubled', {'x': stage.load('nums')['n'] * factor})")
     resumed = run_json(chain, "run", "--resume")
     assert resumed["run_id"] == rec["run_id"] and resumed["resumed"]
-    assert statuses(resumed) == {"a": "cached", "b": "done", "c": "done"}
+    assert statuses(resumed) == {"a": "done", "b": "done", "c": "done"}, "a ran in the first attempt and stays counted as ran"
+    assert {n: s["in_attempt"] for n, s in resumed["stages"].items()} == {"a": 1, "b": 2, "c": 2}
     assert product(chain, resumed, "c", "out") == {"y": 7}
 
 
@@ -130,7 +131,7 @@ def test_ctrl_c_leaves_a_resumable_run(project):
     add_stage(project, "slow", "upstream = ['a']\nseconds = 0", "import time\ntime.sleep(seconds)", "from mlnb import stage\nstage.save('done', {'ok': True})")
     resumed = run_json(project, "run", "--resume", rec["run_id"])
     assert resumed["run_id"] == rec["run_id"]
-    assert statuses(resumed) == {"a": "cached", "slow": "done"}
+    assert statuses(resumed) == {"a": "done", "slow": "done"}
 
 
 def test_independent_stages_run_in_parallel(project):
@@ -168,12 +169,17 @@ def test_two_runs_at_once_do_not_corrupt_each_other(chain):
 
 
 def test_stage_notebook_runs_unchanged_outside_a_pipeline(chain):
-    "What JupyterLab does: run the notebook with its defaults and no injected context; it reads the latest upstream products."
-    run_json(chain, "run")
+    "What JupyterLab does: run the notebook with its defaults and no injected context; it reads the products of the last finished run."
+    first = run_json(chain, "run")
+    # a later run that failed (a rejected retrain) made other products of a and b: a notebook run by hand does not pick them up
+    add_stage(chain, "c", "upstream = ['b']", "raise RuntimeError('rejected')")
+    run_mlnb(chain, "run", "-p", "n=5", check=1)
     import papermill as pm
     out = chain / "b-interactive.ipynb"
     env_before = os.environ.get("MLNB_PROJECT")
     pm.execute_notebook(str(chain / "pipeline/b.ipynb"), str(out), cwd=str(chain / "pipeline"), progress_bar=False, kernel_name="python3")
     scratch = chain / ".mlnb/scratch/interactive/doubled.json"
     assert json.loads(scratch.read_text()) == {"x": 6}
+    said = "".join("".join(o.get("data", {}).get("text/plain", "")) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
+    assert f"mlnb: upstream 'a': the products of run {first['run_id']} (the newest finished run that has them)" in said
     assert os.environ.get("MLNB_PROJECT") == env_before

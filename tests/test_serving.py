@@ -1,5 +1,5 @@
 "A real `bentoml serve` of a bento built from the registry, spoken to over HTTP on 127.0.0.1."
-import json, os, shutil, socket, subprocess, threading, time
+import json, os, shutil, socket, subprocess, sys, threading, time
 from pathlib import Path
 import httpx
 import pytest
@@ -23,19 +23,20 @@ def served(tmp_path_factory):
     built = run_json(d, "build", timeout=300)
     port = free_port()
     env = {**os.environ, "MLNB_CANARY_SHARE": "0.3", "MLNB_MAX_BATCH": "50", "MLNB_RELOAD_INTERVAL": "1"}
+    log = d / "serve.log"  # the server's output, read by the tests (a pipe nobody reads would fill up and block it)
     proc = subprocess.Popen([*MLNB, "--project", str(d), "serve", built["tag"], "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
         except httpx.HTTPError: pass
-        if proc.poll() is not None: raise RuntimeError(proc.stdout.read())
+        if proc.poll() is not None: raise RuntimeError(log.read_text())
         time.sleep(0.5)
     else:
         raise RuntimeError("service did not become ready")
-    yield {"url": url, "project": d, "bento": built, "client": httpx.Client(base_url=url, timeout=30)}
+    yield {"url": url, "project": d, "bento": built, "client": httpx.Client(base_url=url, timeout=30), "proc": proc, "log": log}
     os.killpg(proc.pid, 15)
     try: proc.wait(timeout=30)
     except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
@@ -82,6 +83,43 @@ def test_bad_bodies(served):
     assert r.status_code == 422 and "expected a JSON object" in r.json()["error"]
 
 
+def test_hostile_bodies_get_small_fast_4xx(served):
+    "Issue 10, point 5: each of these was a 500, a 200, or a 20 MB answer."
+    c, rec, J = served["client"], records(1)[0], {"content-type": "application/json"}
+    def post(body, headers=J):
+        t = time.perf_counter()
+        r = c.post("/predict", content=body, headers=headers)
+        return r.status_code, r.json()["error"], len(r.content), time.perf_counter() - t
+    # 10,000 nested [ was a RecursionError: now a 400 that says why
+    status, msg, _, took = post(b"[" * 10_000)
+    assert status == 400 and "nests more than 20 levels deep" in msg and took < 1
+    # no size limit: now 413 from the Content-Length, before the 20 MB are read, and the answer is small
+    status, msg, size, took = post(json.dumps({**rec, "channel": "x" * 20_000_000}).encode())
+    assert status == 413 and "over the limit of 1048576 bytes (max_request_bytes)" in msg and size < 300 and took < 5
+    def streamed():  # without a Content-Length: refused once it has grown past the limit
+        yield b"["
+        for _ in range(40): yield b" " * 65536
+        yield b"]"
+    assert post(streamed())[:1] == (413,)
+    # a big bad value is quoted in 40 characters, not echoed back
+    status, msg, size, _ = post(json.dumps({**rec, "channel": "x" * 500_000}).encode())
+    assert status == 422 and size < 300 and msg == 'field \'channel\' = "' + "x" * 39 + '\u2026 is not accepted; expected one of chip, contactless, online, swipe'
+    # strict JSON types: true and "120.5" are not numbers (they were accepted with 200); an integer is
+    for bad in (True, "120.5"):
+        status, msg, *_ = post(json.dumps({**rec, "amount": bad}).encode())
+        assert status == 422 and msg.startswith(f"field 'amount' = {json.dumps(bad)} is not accepted; expected a number at least 0"), msg
+        assert "(a JSON number, not a string or true/false)" in msg
+    assert c.post("/predict", json={**rec, "amount": 120}).status_code == 200
+    # a text/plain body (was accepted with 200), and one without a Content-Type: 415 naming what is accepted
+    status, msg, *_ = post(json.dumps(rec).encode(), {"content-type": "text/plain"})
+    assert (status, msg) == (415, 'Content-Type "text/plain" is not accepted; send the records as JSON, with Content-Type: application/json (UTF-8)')
+    assert post(json.dumps(rec).encode(), {})[0] == 415
+    # NaN and Infinity are not JSON; bytes that are not UTF-8 are not JSON text
+    assert post(json.dumps({**rec, "amount": float("nan")}).encode())[:2] == (400, "NaN is not valid JSON; send finite numbers")
+    assert post(json.dumps({**rec, "amount": float("inf")}).encode())[0] == 400
+    assert post(b'{"channel": "\xff"}')[:2] == (400, "the request body is not UTF-8 (byte 13: invalid start byte); JSON is sent as UTF-8")
+
+
 def test_metadata_health_metrics(served):
     c = served["client"]
     meta = c.get("/metadata").json()
@@ -91,17 +129,38 @@ def test_metadata_health_metrics(served):
     assert "bentoml_service_request" in c.get("/metrics").text
 
 
-def test_prediction_log(served):
-    rid = "test-log-123"
-    served["client"].post("/predict", json=records(1)[0], headers={"x-request-id": rid})
+def logged(served, rid, timeout=10):
+    "The prediction log's row of request id `rid` (the log flushes every half second)."
     from mlnb.serving import read_prediction_log
-    deadline = time.time() + 10
+    deadline = time.time() + timeout
     while time.time() < deadline:
         df = read_prediction_log(served["project"] / ".mlnb/predictions")
-        if len(df) and rid in set(df["request_id"]): break
+        if len(df) and rid in set(df["request_id"]): return df[df["request_id"] == rid]
         time.sleep(0.3)
-    row = df[df["request_id"] == rid].iloc[0]
+    raise AssertionError(f"{rid} is not in the prediction log")
+
+
+def test_prediction_log(served):
+    r = served["client"].post("/predict", json=records(1)[0], headers={"x-request-id": "test-log-123"})
+    row = logged(served, r.json()["request_id"]).iloc[0]
     assert row["model_version"] in (1, 2) and 0 <= row["score"] <= 1 and row["amount"] == records(1)[0]["amount"]
+    assert row["client_request_id"] == "test-log-123"
+
+
+def test_request_id_is_the_servers_and_unique(served):
+    "Issue 10, point 10: a client-supplied duplicate x-request-id was the log's key, and lineage returned the first match."
+    c = served["client"]
+    a, b = (c.post("/predict", json=rec, headers={"x-request-id": "dup-1"}) for rec in records(2, seed=31))
+    ids = [a.json()["request_id"], b.json()["request_id"]]
+    assert ids[0] != ids[1] and "dup-1" not in ids and all(len(i) == 32 for i in ids)
+    assert [a.headers["x-request-id"], b.headers["x-request-id"]] == ids and a.json()["client_request_id"] == "dup-1"
+    rows = [logged(served, i).iloc[0] for i in ids]
+    assert [r["client_request_id"] for r in rows] == ["dup-1", "dup-1"] and rows[0]["amount"] != rows[1]["amount"]
+    ln = [run_json(served["project"], "lineage", i)["prediction"] for i in ids]  # each id finds its own answer
+    assert [p["request_id"] for p in ln] == ids and [p["score"] for p in ln] == [a.json()["score"], b.json()["score"]]
+    for bad in ("x" * 129, "two words", ""):
+        r = c.post("/predict", json=records(1)[0], headers={"x-request-id": bad})
+        assert r.status_code == 400 and "header x-request-id" in r.json()["error"] and "1 to 128 visible ASCII" in r.json()["error"], r.text
 
 
 def test_canary_share_then_promotion_under_load(served):
@@ -134,14 +193,14 @@ def test_canary_share_then_promotion_under_load(served):
 def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
     c, d = served["client"], served["project"]
     r = c.post("/predict", json=records(1, seed=77)[0], headers={"x-request-id": "complaint-4711"})
-    version = r.json()["model_version"]
+    version, rid = r.json()["model_version"], r.json()["request_id"]
     deadline = time.time() + 10
     while time.time() < deadline:  # the prediction log flushes every half second
-        p = run_mlnb(d, "lineage", "complaint-4711", "--json")
+        p = run_mlnb(d, "lineage", rid, "--json")
         if p.returncode == 0: break
         time.sleep(0.5)
     ln = json.loads(p.stdout)
-    assert ln["resolved_as"] == "prediction" and ln["prediction"]["request_id"] == "complaint-4711"
+    assert ln["resolved_as"] == "prediction" and ln["prediction"]["request_id"] == rid and ln["prediction"]["client_request_id"] == "complaint-4711"
     assert ln["model"]["version"] == version and ln["prediction"]["score"] == r.json()["score"]
     run = ln["pipeline_run"]
     from mlnb.pipeline import load_run
@@ -159,12 +218,12 @@ def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
     model_version = json.loads(Path(next(x for x in ln["stages"] if x["stage"] == "register")["notebook"]).read_text())
     assert f"'version': {version}" in json.dumps(model_version)  # the register notebook printed the version it registered
     assert [e["kind"] for e in ln["events"]][:3] == ["model.registered", "gate.decision", "model.alias_set" if version == 2 else "model.promoted"]
-    text = run_mlnb(d, "lineage", "complaint-4711", check=0).stdout
-    assert text.startswith("prediction complaint-4711") and "notebooks/train.ipynb" in text and f"git commit {rec['git']['commit']}" in text
+    text = run_mlnb(d, "lineage", rid, check=0).stdout
+    assert text.startswith(f"prediction {rid}") and "notebooks/train.ipynb" in text and f"git commit {rec['git']['commit']}" in text
     # the id of a batch request resolves to its records
-    c.post("/predict/batch", json=records(3, seed=78), headers={"x-request-id": "batch-17"})
+    batch = c.post("/predict/batch", json=records(3, seed=78), headers={"x-request-id": "batch-17"}).json()["request_id"]
     time.sleep(1.5)
-    assert run_json(d, "lineage", "batch-17")["prediction"]["request_id"] == "batch-17:0"
+    assert run_json(d, "lineage", batch)["prediction"]["request_id"] == f"{batch}:0"
     # the service's /metadata starts the same chain, and a bento tag resolves too
     meta = c.get("/metadata").json()
     assert meta["lineage"].startswith("every response carries x-request-id") and meta["model_card"] == "/card"
@@ -180,3 +239,139 @@ def test_model_card_ships_in_the_bento(served):
     assert "<h2>Intended use</h2>" in html.text and "<h2>Fairness by <code>age_band</code></h2>" in html.text and "<table>" in html.text
     src = Path(served["bento"]["path"]) / "src"
     assert "## Gates" in (src / "model_card.md").read_text()
+
+
+REGISTRY = r'''
+import os, sys, tempfile
+import mlflow
+from mlflow.tracking import MlflowClient
+uri, name, action, *args = sys.argv[1:]
+mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+c = MlflowClient(uri, uri)
+if action == "alias":
+    c.set_registered_model_alias(name, args[0], args[1])
+elif action == "tampered":  # a new version: version N's model with one byte of model.skops flipped, registered with N's tags and digest
+    v = c.get_model_version(name, args[0])
+    src = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{args[0]}", dst_path=tempfile.mkdtemp(dir=args[1]))
+    f = os.path.join(src, "model.skops")
+    b = bytearray(open(f, "rb").read()); b[len(b) // 2] ^= 0xFF; open(f, "wb").write(b)
+    print(c.create_model_version(name, source=src, run_id=v.run_id, tags=dict(v.tags)).version)
+'''
+
+
+def registry(served, *args):
+    "Change the registry from another process, as another user would (the test process keeps no MLflow connection)."
+    from mlnb.config import load_config
+    cfg = load_config(served["project"])
+    p = subprocess.run([sys.executable, "-c", REGISTRY, cfg.tracking_uri, cfg.model_name, *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip()
+
+
+def wait_for(check, timeout=30, every=0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = check()
+        if out: return out
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {check.__doc__ or check}")
+
+
+def rss_kb(pid):
+    return int(next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmRSS:")).split()[1])
+
+
+def test_the_arbiter_loads_no_model_and_audits_no_switch(served):
+    "Issue 10, point 6: the `bentoml serve` arbiter loaded every model (about 400 MB) and audited every switch a second time."
+    arbiter = served["proc"].pid  # `mlnb serve` execs `bentoml serve`
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+               and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(arbiter)]
+    assert workers and "_bentoml_impl.worker" in Path(f"/proc/{workers[0]}/cmdline").read_text()
+    open_files = [os.readlink(f) for f in Path(f"/proc/{arbiter}/fd").iterdir() if f.exists()]
+    assert not [f for f in open_files if "mlflow.db" in f or "predictions" in f], open_files
+    assert not (served["project"] / f".mlnb/predictions/predictions-{arbiter}.jsonl").exists()
+    arb, wrk = rss_kb(arbiter), rss_kb(workers[0])
+    print(f"RSS: arbiter {arb / 1024:.0f} MB, worker {wrk / 1024:.0f} MB")
+    assert arb < 200 * 1024 and arb < wrk / 2, (arb, wrk)
+    from mlnb import audit
+    switched = [e for e in audit.events(served["project"] / ".mlnb/audit.db", kind="deploy.switched") if e["data"].get("to") == 2]
+    assert [int(e["data"]["pid"]) for e in switched] == workers, switched  # the promotion to 2, once, by the worker
+
+
+def test_an_unloadable_champion_is_not_served_and_the_service_says_so(served):
+    "Issue 10, point 6: when the new champion could not be loaded the service answered with the old one, retried every 2 s and logged nothing."
+    c = served["client"]
+    assert c.get("/metadata").json()["version"] == 2 and c.get("/readyz").status_code == 200
+    bad = int(registry(served, "tampered", "2", str(served["project"])))
+    registry(served, "alias", "champion", str(bad))
+    def degraded():
+        r = c.get("/readyz")
+        return r if r.status_code == 503 else None
+    r = wait_for(degraded)
+    assert r.headers["content-type"] == "application/json" and "\n" not in r.text.strip()
+    d = r.json()["degraded"]
+    assert (r.json()["ready"], d["registry_champion"], d["serving"]) == (False, bad, 2) and "model.skops" in d["reason"], r.text
+    assert c.post("/predict", json=records(1)[0]).json()["model_version"] == 2  # the last good model goes on answering
+    meta = c.get("/metadata").json()
+    assert meta["version"] == 2 and meta["degraded"]["registry_champion"] == bad
+    assert [(p["version"], p["refused"]) for p in meta["problems"]] == [(bad, True)]
+    time.sleep(8)  # retried with a growing pause (interval 1 s: after 2, 4, 8 s), still logged and audited once
+    warnings = [l for l in served["log"].read_text().splitlines() if f"is version {bad}, which was refused" in l]
+    assert len(warnings) == 1 and "[WARNING]" in warnings[0] and "still serving version 2" in warnings[0], warnings
+    from mlnb import audit
+    refused = audit.events(served["project"] / ".mlnb/audit.db", kind="model.refused")
+    assert [(e["refs"]["version"], e["data"]["serving"], e["data"]["alias"]) for e in refused] == [(str(bad), 2, "champion")]
+    # once the registry's champion is the served model again, the service is ready again
+    registry(served, "alias", "champion", "2")
+    wait_for(lambda: c.get("/readyz").status_code == 200)
+    assert c.get("/metadata").json()["degraded"] is None
+    # a bento of that version is refused too, with one line, and leaves no model behind in the bento store
+    p = run_mlnb(served["project"], "build", str(bad), check=1)
+    assert f"model 'fraud-detector' version {bad}: model.skops is not a readable skops file" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    stored = [f.read_text() for f in (served["project"] / ".mlnb/bentoml/models").rglob("model.yaml")]
+    assert stored and not [t for t in stored if f"mlnb.version: '{bad}'" in t], stored
+
+
+def test_a_replaced_tracking_store_is_followed(served):
+    "Issue 10, point 6: after mlflow.db was replaced (restored from a backup) the service read the deleted file and never saw a promotion again."
+    c = served["client"]
+    db = served["project"] / ".mlnb/mlflow.db"
+    shutil.copy(db, db.with_name("mlflow.db.restored"))
+    os.replace(db.with_name("mlflow.db.restored"), db)  # a new file (a new inode) under the old name
+    registry(served, "alias", "champion", "1")
+    wait_for(lambda: c.get("/metadata").json()["version"] == 1, timeout=20)
+    assert c.post("/predict", json=records(1)[0]).json()["model_version"] in (1, 2)  # 2 may still be the canary's challenger
+    registry(served, "alias", "champion", "2")
+    wait_for(lambda: c.get("/metadata").json()["version"] == 2, timeout=20)
+    assert c.get("/readyz").status_code == 200
+
+
+def test_a_bento_whose_model_is_not_the_registered_one_is_not_served(served, tmp_path):
+    "Issue 10, point 2: a swapped model file was served while /metadata showed the registered digest. Now the server ends, with one line."
+    src = Path(served["bento"]["path"]) / "src" / "serving.json"
+    s = json.loads(src.read_text())
+    s["version"] = 2  # the registry's digest of version 2 against the bento's model file, which is version 1's
+    (tmp_path / "serving.json").write_text(json.dumps(s))
+    env = {**os.environ, "MLNB_SERVING_SETTINGS": str(tmp_path / "serving.json")}
+    env.pop("MLNB_PROJECT", None)
+    p = subprocess.Popen([*MLNB, "--project", str(served["project"]), "serve", served["bento"]["tag"], "--port", str(free_port())],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try: out = p.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # the server and its workers
+        raise AssertionError("the server went on (restarting its worker) instead of ending") from None
+    lines = [l for l in out.splitlines() if "mlnb: not serving" in l]
+    assert len(lines) == 1 and "[ERROR]" in lines[0] and "model.skops has digest" in lines[0] and "was registered" in lines[0], out
+    assert "Traceback" not in out
+
+
+def test_fuzz_1000_bad_requests_never_5xx(served):
+    "Issue 10, point 5: generated hostile requests (bench/fuzz.py) against the served bento: 4xx only, and a valid request is answered after."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fuzz", ROOT / "bench" / "fuzz.py")
+    fuzz = importlib.util.module_from_spec(spec); spec.loader.exec_module(fuzz)
+    res = fuzz.run(served["url"], n=1200, seed=10)
+    print(json.dumps({k: res[k] for k in ("requests", "statuses", "not_4xx", "largest_answer_bytes", "slowest_s", "seconds")}))
+    assert res["requests"] >= 1000 and res["server_errors"] == 0, res
+    assert set(res["not_4xx"]) <= {"mutation -> 200"}, res["not_4xx"]  # only a random mutation may happen to stay valid
+    assert res["largest_answer_bytes"] <= 2100 and res["valid_after"] == 200

@@ -36,9 +36,15 @@ def test_parent_and_nested_runs(chain):
     assert a.data.metrics["n"] == 3.0 and a.data.metrics["duration_s"] > 0
     assert a.data.params["n"] == "3" and a.data.tags["mlnb.cache"] == "miss"
     assert a.data.tags["mlnb.product.nums.sha256"] == rec["stages"]["a"]["products"]["nums"]["sha256"]
-    assert [f.path for f in c.list_artifacts(a.info.run_id, "notebooks")] == ["notebooks/a.ipynb"]
+    assert sorted(f.path for f in c.list_artifacts(a.info.run_id, "notebooks")) == ["notebooks/a.html", "notebooks/a.ipynb"]
     local = c.download_artifacts(a.info.run_id, "notebooks/a.ipynb", str(chain / "dl"))
     assert json.loads(Path(local).read_text())["cells"], "the executed notebook is in MLflow"
+    page = Path(c.download_artifacts(a.info.run_id, "notebooks/a.html", str(chain / "dl"))).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "jp-Notebook" in page and page.count("jp-CodeCell") >= 2, "and rendered, as the UI shows it"
+    # the model-training view of the UI, runs attributed to who ran them, the run's metrics on its parent to compare runs by
+    assert c.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["mlflow.user"] == rec["user"] == a.data.tags["mlflow.user"] and rec["user"] != "unknown"
+    assert parent.data.metrics["n"] == 3.0
 
     # a fully reused run is recorded too (by the background follower); `mlnb sync` waits for nothing and logs nothing twice
     again = run_json(chain, "run", "-p", "factor=3")
@@ -60,4 +66,4 @@ def test_failed_run_is_recorded_failed(chain):
     assert parent.info.status == "FAILED"
     b = [r for r in runs if r.data.tags.get("mlnb.stage") == "b"][0]
     assert b.info.status == "FAILED" and "RuntimeError: boom" in b.data.tags["mlnb.error"]
-    assert [f.path for f in c.list_artifacts(b.info.run_id, "notebooks")] == ["notebooks/b.ipynb"]
+    assert sorted(f.path for f in c.list_artifacts(b.info.run_id, "notebooks")) == ["notebooks/b.html", "notebooks/b.ipynb"]
