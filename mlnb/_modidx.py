@@ -379,7 +379,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.tracking.follow_run': ('tracking.html#follow_run', 'mlnb/tracking.py'),
                                'mlnb.tracking.list_versions': ('tracking.html#list_versions', 'mlnb/tracking.py'),
                                'mlnb.tracking.load_model': ('tracking.html#load_model', 'mlnb/tracking.py'),
-                               'mlnb.tracking.load_model_path': ('tracking.html#load_model_path', 'mlnb/tracking.py'),
                                'mlnb.tracking.load_verified': ('tracking.html#load_verified', 'mlnb/tracking.py'),
                                'mlnb.tracking.load_version': ('tracking.html#load_version', 'mlnb/tracking.py'),
                                'mlnb.tracking.log_monitoring': ('tracking.html#log_monitoring', 'mlnb/tracking.py'),

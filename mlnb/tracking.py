@@ -17,7 +17,7 @@ __all__ = ['EXPERIMENT_KIND', 'HISTORY', 'check_tracking', 'store_lock', 'watch_
            'spawn_sync', 'check_trusted', 'load_verified', 'load_version', 'version_registered', 'register_model',
            'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model',
            'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring',
-           'load_model_path', 'read_aliases', 'version_tags', 'model_version_info']
+           'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -545,12 +545,6 @@ def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: 
     return run_id
 
 # %% ../nbs/04_tracking.ipynb #0019
-def load_model_path(path: str | Path, tracking_uri: str | None = None):
-    "A scikit-learn model from a local MLflow model folder (inside a bento) or a `models:/` URI of the registry at `tracking_uri`."
-    import mlflow, mlflow.sklearn
-    if tracking_uri: mlflow.set_tracking_uri(tracking_uri); mlflow.set_registry_uri(tracking_uri)
-    return mlflow.sklearn.load_model(str(path))
-
 def read_aliases(tracking_uri: str, name: str) -> dict:
     "`{alias: version}` of a registered model, read straight from the store."
     import logging
