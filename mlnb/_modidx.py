@@ -306,6 +306,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mlnb.stage._is_estimator': ('stage.html#_is_estimator', 'mlnb/stage.py'),
                             'mlnb.stage._read': ('stage.html#_read', 'mlnb/stage.py'),
                             'mlnb.stage._read_json': ('stage.html#_read_json', 'mlnb/stage.py'),
+                            'mlnb.stage._run_record': ('stage.html#_run_record', 'mlnb/stage.py'),
                             'mlnb.stage._user_ns': ('stage.html#_user_ns', 'mlnb/stage.py'),
                             'mlnb.stage._write': ('stage.html#_write', 'mlnb/stage.py'),
                             'mlnb.stage.canonical_skops_bytes': ('stage.html#canonical_skops_bytes', 'mlnb/stage.py'),

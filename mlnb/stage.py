@@ -33,6 +33,14 @@ def note(text: str):
     except ImportError: pass
     import logging; logging.getLogger("mlnb").info(text)
 
+_RECORDS: dict = {}
+
+def _run_record(p: Path) -> dict:
+    "A run's record, parsed again only when its file changed (every `save`/`load` of a notebook run by hand asks)."
+    mtime = p.stat().st_mtime_ns
+    if _RECORDS.get(p, (None,))[0] != mtime: _RECORDS[p] = (mtime, json.loads(p.read_text()))
+    return _RECORDS[p][1]
+
 def _interactive_context(ns: dict) -> dict:
     from mlnb.config import load_config
     cfg = load_config()
@@ -41,7 +49,7 @@ def _interactive_context(ns: dict) -> dict:
     upstream, said = {}, ns.setdefault("_mlnb_said", set())
     runs = []  # finished runs, newest first: a notebook run by hand reads what the last successful run used, not a rejected retrain
     for p in (cfg.state / "runs").glob("*/run.json"):
-        try: rec = json.loads(p.read_text())
+        try: rec = _run_record(p)
         except (OSError, ValueError): continue
         if rec.get("status") == "done": runs.append(rec)
     runs.sort(key=lambda r: r.get("ended") or 0, reverse=True)
