@@ -328,10 +328,12 @@ def contract_check(data, contract_file, as_json):
 @click.pass_context
 def build(ctx, ref, as_json):
     "Build a bento that serves the champion (or VERSION / ALIAS) of the project's model."
-    from mlnb.serving import build_bento
-    out = build_bento(_cfg(ctx), ref)
+    from mlnb.serving import build_bento, bento_home
+    cfg = _cfg(ctx)
+    out = build_bento(cfg, ref)
+    home = os.path.relpath(bento_home(cfg), Path.cwd())  # bentos live in the project, not in ~/bentoml
     _out({k: v for k, v in out.items() if k != "settings"} | {"lineage": out["settings"]["lineage"]}, as_json,
-         f"{out['tag']}  (model version {out['version']}); serve it with `mlnb serve` or `bentoml serve {out['tag']}`")
+         f"{out['tag']}  (model version {out['version']}); serve it with `mlnb serve` or `BENTOML_HOME={home} bentoml serve {out['tag']} --host 127.0.0.1`")
 
 @main.command()
 @click.argument("tag", required=False, metavar="[BENTO]")

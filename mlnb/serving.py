@@ -105,7 +105,7 @@ class RequestChecker:
         loc = err["loc"][0] if err["loc"] else None
         spec, value, t = self.fields.get(loc, {}), err.get("input"), err["type"]
         name = _cut(str(loc))
-        if t == "missing": return f"{where}field '{name}' is missing; required fields: {', '.join(self.fields)}"
+        if t == "missing": return f"{where}field '{name}' is missing"  # the list of required fields follows once per record
         if t == "extra_forbidden": return f"{where}field '{name}' is not accepted; accepted fields: {', '.join(self.fields)}"
         if loc not in self.fields: return f"{where}{_cut(err['msg'], 120)}: {_quote(value)}"  # e.g. a name that is not valid Unicode
         hint = ""
@@ -139,7 +139,9 @@ class RequestChecker:
                 problems.append(f"record {i}: expected a JSON object of fields, got {type(r).__name__}"); continue
             try: out.append(self.model.model_validate(r).model_dump(by_alias=True))
             except PydanticError as e:
-                problems += [self._message(None if single else i, err) for err in e.errors()]
+                errs = e.errors()
+                problems += [self._message(None if single else i, err) for err in errs]
+                if any(err["type"] == "missing" for err in errs): problems.append(f"required fields: {', '.join(self.fields)}")
             if len(problems) > 20: break
         if problems: raise BadRequest(422, "; ".join(problems[:20]) + ("; and more" if len(problems) > 20 else ""))
         return out, single
