@@ -10,7 +10,7 @@ from .config import Config
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['GENESIS', 'AuditError', 'actor', 'log_path', 'record', 'events', 'verify', 'check_log']
+__all__ = ['GENESIS', 'AuditError', 'actor', 'log_path', 'record', 'events', 'verify', 'outcome', 'check_log']
 
 # %% ../nbs/02_audit.ipynb #0005
 GENESIS = "0" * 64
@@ -178,6 +178,32 @@ def verify(cfg: Config | Path | str) -> dict:
         if check != ["ok"]: bad(high, "corrupt", f"the database file is damaged: {'; '.join(check[:3])}")
     problems.sort(key=lambda p: p["seq"])
     return {"ok": not problems, "events": len(rows), "path": str(path), "head": head, "problems": problems}
+
+# %% ../nbs/02_audit.ipynb #0011b
+_FAILED_STATUS = ("failed", "interrupted")
+_WARNINGS = {"drift.alert": "alert", "incident.opened": "opened", "stage.reuse_refused": "set aside"}
+
+def _first_line(x) -> str | None:
+    text = "; ".join(map(str, x)) if isinstance(x, (list, tuple)) else str(x or "")
+    return text.strip().splitlines()[0] if text.strip() else None
+
+def outcome(e: dict) -> dict:
+    "How event `e` ended: `status` (a word, or None), `level` (`failed`, `warning` or None) and `why` (its error's or reasons' first line)."
+    kind, d = e["kind"], e.get("data") or {}
+    status, level = d.get("status"), None
+    why = _first_line(d.get("error") or d.get("reasons") or d.get("why") or d.get("reason"))
+    if kind == "gate.decision":
+        status, level = ("passed", None) if d.get("passed") else ("blocked", "failed")
+        why = _first_line(d.get("failed")) if not d.get("passed") else why
+    elif kind in ("policy.refused", "model.refused"): status, level = "refused", "failed"
+    elif kind == "deploy.load_failed": status, level = "failed", "failed"
+    elif kind in _WARNINGS: status, level = _WARNINGS[kind], "warning"
+    elif status in _FAILED_STATUS:
+        level = "failed"
+        if kind == "run.finished" and not why:
+            bad = [n for n, s in (d.get("stages") or {}).items() if s in _FAILED_STATUS]
+            why = f"stage{'s' if len(bad) > 1 else ''} {', '.join(bad)} {status}" if bad else None
+    return {"status": status, "level": level, "why": why}
 
 # %% ../nbs/02_audit.ipynb #0101
 def check_log(cfg: Config | Path | str) -> Path:

@@ -4,16 +4,16 @@
 
 # %% ../nbs/20_cli.ipynb #0002
 from __future__ import annotations
-import json, os, sys, time, traceback
+import contextlib, json, os, sys, time, traceback
 from pathlib import Path
 import click
 from . import __version__
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync', 'models', 'promote', 'rollback',
-           'contract', 'contract_infer', 'contract_check', 'build', 'serve', 'simulate', 'monitor', 'audit',
-           'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new']
+__all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync',
+           'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'build', 'serve',
+           'simulate', 'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -50,6 +50,41 @@ def _cfg(ctx):
 def _out(data, as_json: bool, text: str):
     click.echo(json.dumps(data, indent=1, default=str) if as_json else text)
 
+def _num(v) -> str:
+    "A metric as a person reads it: whole numbers whole (20000, not 2e+04), others to 4 significant digits."
+    if isinstance(v, bool) or not isinstance(v, (int, float)): return str(v)
+    if float(v).is_integer() and abs(v) < 1e15: return str(int(v))
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
+
+@contextlib.contextmanager
+def _working(text: str):
+    "Say on stderr what a slow command is doing: a spinner with the elapsed time at a terminal, one plain line otherwise."
+    from rich.console import Console
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        click.echo(f"{text} ...", err=True); yield; return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as p:
+        p.add_task(text, total=None); yield
+
+@contextlib.contextmanager
+def _counting(what: str, total: int):
+    "Count finished items of a slow command on stderr: a bar at a terminal, a plain line every 10 s otherwise. Yields `tick(x) -> x`."
+    from rich.console import Console
+    console = Console(stderr=True)
+    done, last, t0 = [0], [time.time()], time.time()
+    if not console.is_terminal:
+        def tick(x):
+            done[0] += 1
+            if time.time() - last[0] >= 10: last[0] = time.time(); click.echo(f"  {done[0]}/{total} {what} ({time.time() - t0:.0f}s)", err=True)
+            return x
+        yield tick; return
+    from rich.progress import Progress, BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as p:
+        task = p.add_task(what, total=total)
+        def tick(x): p.advance(task); return x
+        yield tick
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mlnb")
 @click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: the nearest one with settings.ini [mlnb]).")
@@ -61,20 +96,105 @@ def main(project, verbose):
 _MARK = {"done": "[green]✓ ran[/]", "cached": "[cyan]↺ reused[/]", "stale": "[yellow]↺ reused (stale)[/]",
          "failed": "[red]✗ failed[/]", "running": "[blue]▶ running[/]", "skipped": "[yellow]- skipped[/]"}
 
-def _progress(console):
-    def on_event(e):
+STILL_AFTER = (10, 30, 60)  # seconds: without a live line, a stage still running then says so ...
+STILL_EVERY = 60            # ... and again every this many seconds after the last
+
+def _interactive(console) -> bool:
+    "Whether stderr is a terminal that can redraw a line (not a pipe, a file or a CI log, even with FORCE_COLOR)."
+    try: tty = console.file.isatty()
+    except (AttributeError, ValueError): tty = False
+    return console.is_interactive and (tty or os.environ.get("TTY_INTERACTIVE") == "1")
+
+class _Progress:
+    "Stage lines on stderr, `[N/M]` each stage's place in the run; on a terminal a live line of the running stages and their seconds, elsewhere a plain `still running` line now and then."
+    def __init__(self, console, live: bool | None = None):
+        import threading
+        self.console, self.live = console, _interactive(console) if live is None else live
+        self.order, self.running, self.queued, self.finished, self.said = [], {}, [], set(), {}
+        self.run_id, self.lock, self.stopped = None, threading.Lock(), threading.Event()
+        self._live = self._ticker = self.waiting = None
+
+    def tag(self, n) -> str:
+        m = len(self.order)
+        return f"[{self.order.index(n) + 1}/{m}]".rjust(len(f"[{m}/{m}]")) + " " if n in self.order else ""
+
+    def line(self, n, text):
+        self.console.print(f"  {self.tag(n)}{n:<14} {text}", highlight=False, soft_wrap=True)
+
+    def __call__(self, e):
         if "stage" not in e:
+            if e.get("status") == "started": self.order, self.run_id = list(e.get("stages") or []), e.get("run_id"); self.start()
+            elif e.get("status") == "tracking":  # the stages are over; the run's record goes to MLflow before the command ends
+                self.waiting = ("logging the run to MLflow", time.time())
+                if self.live: self.start()
+                else: self.console.print("  logging the run to MLflow ...", highlight=False, soft_wrap=True)
+            else: self.stop()  # the run ended (done, failed, interrupted), or its logging did
             return
-        if e["status"] == "note":  # e.g. why cached products were not reused
+        n, status = e["stage"], e["status"]
+        if status == "note":  # e.g. why cached products were not reused
             from rich.markup import escape
-            console.print(f"  {e['stage']:<14} [yellow]! {escape(e['message'])}[/]", highlight=False, soft_wrap=True); return
-        mark = _MARK.get(e["status"])
+            self.line(n, f"[yellow]! {escape(e['message'])}[/]"); return
+        if status == "queued":  # waiting for a kernel or a free job: the live line says so
+            with self.lock: self.queued.append(n)
+            return
+        mark = _MARK.get(status)
         if not mark: return
-        extra = f"{e['duration']:.2f}s" if e["status"] in ("done", "failed", "cached") and e.get("duration") is not None else ""
-        if e["status"] in ("cached", "stale"): extra = f"from run {e.get('source_run')}"
+        with self.lock:
+            if n in self.queued: self.queued.remove(n)
+            if status == "running": self.running[n], self.said[n] = e.get("started") or time.time(), 0
+            else: self.running.pop(n, None); self.finished.add(n)
+        extra = f"{e['duration']:.2f}s" if status in ("done", "failed", "cached") and e.get("duration") is not None else ""
+        if status in ("cached", "stale"): extra = f"from run {e.get('source_run')}"
         if e.get("earlier_attempt"): extra = f"in attempt {e.get('in_attempt')} of this run"
-        console.print(f"  {e['stage']:<14} {mark} {extra}", highlight=False, soft_wrap=True)
-    return on_event
+        self.line(n, f"{mark} {extra}".rstrip())
+
+    def render(self):
+        "The live line: how many stages are done, and each running stage with its seconds."
+        from rich.text import Text
+        now = time.time()
+        with self.lock: running, queued, done = dict(self.running), list(self.queued), len(self.finished)
+        text = (f"{done}/{len(self.order)} done" + ("  running " + ", ".join(f"{self.tag(n)}{n} {now - t:.1f}s" for n, t in running.items()) if running else "")
+                + ("  queued " + ", ".join(f"{self.tag(n)}{n}" for n in queued) if queued else ""))
+        if self.waiting: text = f"{self.waiting[0]} {now - self.waiting[1]:.1f}s"
+        self._spinner.update(text=Text(text, no_wrap=True, overflow="ellipsis"))
+        return self._spinner
+
+    def tick(self):
+        "Without a live line: a stage running longer than STILL_AFTER[0] s says `still running` now and then, so a CI log shows it is alive."
+        while not self.stopped.wait(1.0):
+            now = time.time()
+            with self.lock: running = dict(self.running)
+            for n, t in running.items():
+                said = self.said.get(n, 0)
+                due = next((s for s in STILL_AFTER if s > said), said + STILL_EVERY)
+                if now - t >= due:
+                    self.said[n] = due
+                    self.line(n, f"[blue]… still running[/] ({due}s)")
+
+    def start(self):
+        if self._live or self._ticker: return
+        self.stopped.clear()
+        if self.live:
+            from rich.live import Live
+            from rich.spinner import Spinner
+            self._spinner = Spinner("dots", style="blue")
+            self._live = Live(console=self.console, get_renderable=self.render, transient=True, refresh_per_second=8, redirect_stdout=False)
+            self._live.start()
+        else:
+            import threading
+            self._ticker = threading.Thread(target=self.tick, daemon=True, name="mlnb-progress"); self._ticker.start()
+
+    def stop(self):
+        self.stopped.set()
+        if self._live is not None: self._live.stop(); self._live = None
+        if self._ticker is not None: self._ticker.join(timeout=2); self._ticker = None
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.stop()
+
+def _progress(console, live: bool | None = None):
+    "The `on_event` of `run_pipeline` that shows a run's progress on `console` (stderr)."
+    return _Progress(console, live)
 
 @main.command()
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a parameter (stage.name=value for one stage).")
@@ -91,25 +211,30 @@ def _progress(console):
 def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, artifacts, as_json):
     "Run the pipeline: stages whose inputs did not change are reused."
     from rich.console import Console
-    from mlnb.pipeline import run_pipeline, RunOptions, load_run
+    from mlnb.errors import StageFailed
+    from mlnb.pipeline import run_pipeline, RunOptions, load_run, failure_text
     if only and start: raise click.UsageError("--only and --from select differently; give one of them")
     console = Console(stderr=True)
     cfg = _cfg(ctx)
-    t0 = time.time()
+    t0, progress = time.time(), _progress(console)
     try:
-        rec = run_pipeline(cfg, RunOptions(overrides=list(params), only=only, start=start, force=force, jobs=jobs,
-                                           timeout=timeout, resume=resume), on_event=_progress(console),
-                           sync_tracking=True if wait_tracking else None)
+        with progress:
+            rec = run_pipeline(cfg, RunOptions(overrides=list(params), only=only, start=start, force=force, jobs=jobs,
+                                               timeout=timeout, resume=resume), on_event=progress,
+                               sync_tracking=True if wait_tracking else None)
+    except StageFailed as e:  # one line: the cell as its author counts it, the notebook where JupyterLab opens it
+        raise MlnbError(failure_text(e)) from e
     finally:
         if artifacts:
-            try: _write_artifacts(cfg, load_run(cfg, "latest"), Path(artifacts))
+            try: _write_artifacts(cfg, load_run(cfg, progress.run_id or "latest"), Path(artifacts))
             except MlnbError: pass  # no run was started: nothing to keep
     n = {k: sum(s["status"] == k for s in rec["stages"].values()) for k in ("done", "cached")}
     attempt = rec.get("attempt", 1)
     before = sum(s["status"] == "done" and s.get("in_attempt", attempt) < attempt for s in rec["stages"].values())
     ran = f"{n['done'] - before} ran in this attempt, {before} before it" if attempt > 1 else f"{n['done']} ran"
     console.print(f"run {rec['run_id']} done: {ran}, {n['cached']} reused in {time.time() - t0:.2f}s; "
-                  f"executed notebooks in {cfg.state_dir}/runs/{rec['run_id']}/notebooks", highlight=False, soft_wrap=True)
+                  f"executed notebooks in {rec.get('visible_notebooks') or Path(cfg.state_dir, 'runs', rec['run_id'], 'notebooks')}",
+                  highlight=False, soft_wrap=True)
     fate = _model_fate(rec)
     if fate: console.print(fate, highlight=False, soft_wrap=True)
     _out(rec, as_json, rec["run_id"])
@@ -150,7 +275,7 @@ def _write_artifacts(cfg, rec: dict, out: Path):
     lines = [f"## mlnb run {rec['run_id']}: {rec['status']}", "", "| stage | status | seconds |", "|---|---|---|",
              *[f"| {n} | {s['status']} | {s.get('duration') or 0:.1f} |" for n, s in rec["stages"].items()], ""]
     for n, s in rec["stages"].items():
-        if s.get("error"): lines += [f"**{n} failed**: {s['error']}", ""]
+        if s.get("error"): lines += [f"**{n} {s['status']}**: {s['error']}", ""]  # failed, or skipped after an upstream failure
     if report: lines += [_model_fate(rec) or "gates:", "", *_gate_table(report), ""]
     (out / "summary.md").write_text("\n".join(lines))
 
@@ -181,17 +306,17 @@ def status(ctx, run_id, as_json):
     _out({"runs": summary, "run": rec}, as_json, "\n".join(lines))
 
 @main.command()
-@click.argument("run_id", metavar="RUN")
+@click.argument("run_id", metavar="[RUN]", required=False, default="latest")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def show(ctx, run_id, as_json):
-    "One run: options, parameters, and per stage its status, key, products, metrics and executed notebook."
+    "One run (default: the newest): options, parameters, and per stage its status, key, products, metrics and executed notebook."
     from mlnb.pipeline import load_run
     cfg = _cfg(ctx)
     rec = load_run(cfg, run_id)
     lines = [f"run {rec['run_id']}: {rec['status']}", f"  started  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rec['started']))}"
              f"  duration {rec.get('duration') or 0:.2f}s  by {rec.get('user')}",
-             f"  git      {(rec.get('git') or {}).get('commit')}{' (dirty)' if (rec.get('git') or {}).get('dirty') else ''}",
+             f"  git      {(rec.get('git') or {}).get('commit') or 'none (the project is not a git repository)'}{' (dirty)' if (rec.get('git') or {}).get('dirty') else ''}",
              f"  options  {json.dumps(rec['options'])}", f"  data     {rec.get('data_digest')}"]
     for n, s in rec["stages"].items():
         lines.append(f"  {n}: {s['status']}" + (f"  ({s['duration']:.2f}s)" if s.get("duration") is not None else ""))
@@ -201,9 +326,9 @@ def show(ctx, run_id, as_json):
         metrics = Path(s["entry"]) / "metrics.json" if s.get("entry") else None
         if metrics and metrics.exists():
             s["metrics"] = json.loads(metrics.read_text())
-            lines.append("      metrics   " + ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items()))
-        nb = Path(rec["project"]) / cfg.state_dir / "runs" / rec["run_id"] / "notebooks" / f"{n}.ipynb"
-        if nb.exists(): lines.append(f"      notebook  {nb.relative_to(cfg.root)}")
+            lines.append("      metrics   " + ", ".join(f"{k}={_num(v)}" for k, v in s["metrics"].items()))
+        nb = s.get("visible_notebook") or (Path(rec["project"]) / cfg.state_dir / "runs" / rec["run_id"] / "notebooks" / f"{n}.ipynb").relative_to(cfg.root)
+        if (cfg.root / nb).exists(): lines.append(f"      notebook  {nb}")
         if s.get("error"): lines.append(f"      error     {s['error']}")
     _out(rec, as_json, "\n".join(lines))
 
@@ -296,30 +421,60 @@ def rollback(ctx, reason, as_json):
 def contract():
     "Data contracts (pandera schemas as YAML)."
 
+def _bounds(items) -> dict:
+    "`--bounds COL=LO:HI` values as `{column: (low, high)}`; an empty side is None (the inferred bound)."
+    out = {}
+    for it in items:
+        col, eq, rng = it.rpartition("=")
+        lo, colon, hi = rng.partition(":")
+        if not (eq and col and colon):
+            raise click.BadParameter(f"{it!r}: expected COL=LO:HI, e.g. hour=0:23 (an empty side keeps the inferred bound: amount=0:)", param_hint="--bounds")
+        try: out[col] = tuple(None if not v.strip() else int(v) if v.strip().lstrip("+-").isdigit() else float(v) for v in (lo, hi))
+        except ValueError: raise click.BadParameter(f"{it!r}: LO and HI are numbers, e.g. hour=0:23", param_hint="--bounds") from None
+    return out
+
 @contract.command("infer")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--exclude", multiple=True, help="Columns to leave out (ids, timestamps).")
-def contract_infer(data, out, exclude):
-    "Infer a contract from DATA (parquet, csv, jsonl) and write it to OUT as YAML."
+@click.option("--exclude", multiple=True, metavar="COL", help="A column to leave out (ids, timestamps); the contract lists it under ignore_columns, so checks pass with or without it (repeatable).")
+@click.option("--margin", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Widen each numeric range by this fraction of its observed span, on both sides (0.1: 10%; a column never negative stays at 0 or above).")
+@click.option("--bounds", "bounds", multiple=True, metavar="COL=LO:HI", help="A numeric column's range from the domain, e.g. hour=0:23; an empty side keeps the inferred bound (repeatable).")
+def contract_infer(data, out, exclude, margin, bounds):
+    "Infer a contract from DATA (parquet, csv, jsonl) and write it to OUT as YAML: numeric ranges are the observed ones unless widened."
     from mlnb.contracts import infer_contract, save_contract
     from mlnb.monitor import read_table
-    df = read_table(data).drop(columns=list(exclude), errors="ignore")
-    save_contract(infer_contract(df), out)
+    df = read_table(data)
+    missing = [c for c in exclude if c not in df.columns]
+    if missing: raise click.BadParameter(f"{', '.join(missing)}: not a column of {data}; columns: {', '.join(map(str, df.columns))}", param_hint="--exclude")
+    schema = infer_contract(df, margin=margin, bounds=_bounds(bounds), ignore=tuple(exclude))
+    save_contract(schema, out)
+    how = ("numeric ranges are the observed minimum to maximum; widen them with --margin 0.1 (10% of each span) or --bounds COL=LO:HI" if not margin else
+           f"numeric ranges are the observed ones widened by {margin:g} of each span; set a column's with --bounds COL=LO:HI")
+    if bounds: how += f" ({', '.join(bounds)} as given)"
+    if any(ch.name == "less_than_or_equal_to" for col in schema.columns.values() for ch in col.checks): click.echo(how, err=True)  # a numeric column
+    ids = [c for c, col in schema.columns.items() if str(col.dtype).startswith(("str", "object")) and len(df) > 20 and df[c].nunique() == len(df)]
+    if ids: click.echo(f"{', '.join(ids)}: a different value in every row, like an id; leave {'it' if len(ids) == 1 else 'them'} out with "
+                       + " ".join(f"--exclude {c}" for c in ids), err=True)
     click.echo(out)
 
 @contract.command("check")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False))
 @click.argument("contract_file", metavar="CONTRACT", type=click.Path(exists=True, dir_okay=False))
+@click.option("--exclude", multiple=True, metavar="COL", help="A column of DATA to leave out of this check (ids, timestamps; repeatable); the contract's ignore_columns are always left out.")
 @click.option("--json", "as_json", is_flag=True)
-def contract_check(data, contract_file, as_json):
+def contract_check(data, contract_file, exclude, as_json):
     "Check DATA against CONTRACT; exit 1 with one line per broken check."
-    from mlnb.contracts import load_contract, check_frame, describe_violations
+    from mlnb.contracts import load_contract, check_frame, describe_violations, unexpected_columns
     from mlnb.errors import ValidationError
     from mlnb.monitor import read_table
-    rep = check_frame(read_table(data), load_contract(contract_file))
+    rep = check_frame(read_table(data), load_contract(contract_file), exclude=exclude)
     _out(rep, as_json, f"{rep['rows']} rows: " + ("ok" if rep["ok"] else describe_violations(rep)))
-    if not rep["ok"]: raise ValidationError(f"{len(rep['violations'])} contract check(s) failed")
+    if not rep["ok"]:
+        extra = unexpected_columns(rep)
+        hint = (f"; {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not in the contract: leave {'it' if len(extra) == 1 else 'them'} out with "
+                f"{' '.join('--exclude ' + c for c in extra)}, or list {'it' if len(extra) == 1 else 'them'} under ignore_columns in {contract_file}") if extra else ""
+        raise ValidationError(f"{len(rep['violations'])} contract check(s) failed{hint}")
+
 
 # %% ../nbs/20_cli.ipynb #0015
 @main.command()
@@ -330,7 +485,10 @@ def build(ctx, ref, as_json):
     "Build a bento that serves the champion (or VERSION / ALIAS) of the project's model."
     from mlnb.serving import build_bento, bento_home
     cfg = _cfg(ctx)
-    out = build_bento(cfg, ref)
+    t0 = time.time()
+    with _working(f"building a bento for {ref or 'the champion'} of {cfg.model_name} (checking the model, packaging, writing)"):
+        out = build_bento(cfg, ref)
+    click.echo(f"built in {time.time() - t0:.1f}s", err=True)
     home = os.path.relpath(bento_home(cfg), Path.cwd())  # bentos live in the project, not in ~/bentoml
     _out({k: v for k, v in out.items() if k != "settings"} | {"lineage": out["settings"]["lineage"]}, as_json,
          f"{out['tag']}  (model version {out['version']}); serve it with `mlnb serve` or `BENTOML_HOME={home} bentoml serve {out['tag']} --host 127.0.0.1`")
@@ -342,14 +500,17 @@ def build(ctx, ref, as_json):
 @click.pass_context
 def serve(ctx, tag, host, port):
     "Serve a bento (default: the newest one built) with `bentoml serve`."
-    from mlnb.serving import serve_command, latest_bento, bento_settings
+    from mlnb.serving import serve_command, latest_bento, bento_settings, check_port
     cfg = _cfg(ctx)
     from mlnb import audit
+    check_port(host, port)  # one line naming the port, before anything is started or audited
     tag = tag or latest_bento(cfg)
     cmd, env = serve_command(cfg, tag, host, port)
     s = bento_settings(cfg, tag) or {}
     audit.record(cfg, "deploy.started", {"model": cfg.model_name, "version": s.get("version"), "bento": tag}, {"host": host, "port": port})
-    click.echo(" ".join(cmd), err=True)
+    click.echo(f"serving {cfg.model_name} v{s.get('version', '?')} (bento {tag}) at http://{host}:{port}: try it at /, "
+               f"model at /metadata, metrics at /metrics; Ctrl-C stops it", err=True)
+    click.echo("$ " + " ".join(["bentoml", *cmd[1:]]), err=True)
     os.execve(cmd[0], cmd, env)
 
 # %% ../nbs/20_cli.ipynb #0017
@@ -415,14 +576,39 @@ def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
         def send(i):  # our own id goes along as the client's; the id the service returns names the prediction (as a real caller keeps it)
             r = client.post("/predict", json=recs[i], headers={"x-request-id": f"sim-{batch}-{i}"})
             return r.status_code, r.headers.get("x-request-id")
-        with ThreadPoolExecutor(concurrency) as ex: answers = list(ex.map(send, range(rows)))
+        with ThreadPoolExecutor(concurrency) as ex, _counting(f"{rows} requests", rows) as tick:
+            answers = [tick(a) for a in ex.map(send, range(rows))]
     codes = [c for c, _ in answers]
     if labels_out:
         ok = [i for i, (c, rid) in enumerate(answers) if c == 200 and rid]
         df.iloc[ok].assign(request_id=[answers[i][1] for i in ok])[["request_id", task.target]].to_json(labels_out, orient="records", lines=True)
     bad = sum(c != 200 for c in codes)
-    click.echo(f"sent {rows} requests (drift {drift}): {rows - bad} answered, {bad} refused" + (f"; labels in {labels_out}" if labels_out else ""), err=True)
+    click.echo(f"sent {rows} requests to {url} (drift {drift}): {rows - bad} answered, {bad} refused" + (f"; labels in {labels_out}" if labels_out else ""), err=True)
     if bad == rows: raise MlnbError(f"the service at {url} refused every request: it serves another model, or the rows do not fit its contract")
+
+def _drift_lines(cfg, res: dict) -> list:
+    "The verdict of a monitoring check: drift, prediction drift, performance, report and incident."
+    from mlnb.monitor import performance_text
+    rep = res["report"]
+    perf = rep.get("performance") or {}
+    text = [f"model {cfg.model_name} v{rep['model_version']}: {'DRIFT' if rep['dataset_drift'] else 'no drift'} "
+            f"({len(rep['drifted_columns'])}/{len(rep['columns'])} columns: {', '.join(rep['drifted_columns']) or '-'})"]
+    if rep.get("prediction"): text.append(f"prediction drift: {'yes' if rep['prediction']['drifted'] else 'no'}")
+    if perf: text.append(performance_text(perf))
+    text.append(f"report: {res['paths']['html']}")
+    if res.get("incident"): text.append(f"incident {res['incident']['id']}: {res['incident']['status']}")
+    return text
+
+def _retrain_line(cfg, rt: dict) -> str:
+    "What retraining did: the model's fate as `mlnb run` says it, or which stage failed, why, and its executed notebook."
+    from mlnb.pipeline import load_run
+    if rt["status"] == "done":
+        fate = _model_fate(load_run(cfg, rt["run_id"]))
+        return f"retrained: run {rt['run_id']}; " + (fate or f"champion v{rt['champion']}")
+    where = f" in stage '{rt['stage']}'" if rt.get("stage") else ""
+    run = f" (run {rt['run_id']})" if rt.get("run_id") else ""
+    nb = f"; executed notebook: {rt['notebook']}" if rt.get("notebook") else ""
+    return f"{'not retrained' if rt['status'] == 'not run' else 'retraining failed'}{where}{run}: {rt['error']}{nb}"
 
 @main.command()
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="A data file to check instead of the prediction log.")
@@ -430,28 +616,38 @@ def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
 @click.option("--window", default=5000, show_default=True, type=click.IntRange(1), help="The newest N logged predictions.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Ground truth (request_id and the target, as `mlnb simulate` writes it): adds performance.")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: .mlnb/monitor/TIME).")
-@click.option("--retrain", is_flag=True, help="On drift or degradation, retrain on the labelled window through the pipeline (also: retrain_on_alert = true).")
+@click.option("--retrain", is_flag=True, help="On drift or degradation, retrain on the labelled window through the pipeline (also: retrain_on_alert = true); needs --labels.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
-    "Drift and performance of the champion's traffic against its reference data; exit 3 on drift."
+    "Drift and performance of the champion's traffic against its reference data; exit 3 on drift (also when retraining then fails)."
+    from rich.console import Console
     from mlnb.monitor import check_champion
+    if retrain and not labels: raise click.UsageError("--retrain needs --labels FILE: the new training data is the labelled window")
     cfg = _cfg(ctx)
     retrain = retrain or cfg.flag("retrain_on_alert")  # the policy in settings.ini
-    res = check_champion(cfg, data=data, log_dir=log_dir, window=window, labels=labels, out=out, retrain=retrain)
-    rep = res["report"]
-    perf = rep.get("performance") or {}
-    text = [f"model {cfg.model_name} v{rep['model_version']}: {'DRIFT' if rep['dataset_drift'] else 'no drift'} "
-            f"({len(rep['drifted_columns'])}/{len(rep['columns'])} columns: {', '.join(rep['drifted_columns']) or '-'})"]
-    if rep.get("prediction"): text.append(f"prediction drift: {'yes' if rep['prediction']['drifted'] else 'no'}")
-    if perf:
-        from mlnb.monitor import performance_text
-        text.append(performance_text(perf))
-    text.append(f"report: {res['paths']['html']}")
-    if res.get("incident"): text.append(f"incident {res['incident']['id']}: {res['incident']['status']}")
-    if res.get("retrain"): text.append(f"retrained: run {res['retrain']['run_id']}, champion now v{res['retrain']['champion']}")
-    _out(res, as_json, "\n".join(text))
+    console = Console(stderr=True)
+    progress = _progress(console)  # the stage lines `mlnb run` shows
+
+    def checked(res):  # the verdict is out (report written, incident recorded) before any retraining starts
+        if not as_json: click.echo("\n".join(_drift_lines(cfg, res)))
+        sys.stdout.flush()
+
+    def on_event(e):
+        if e.get("retrain") == "started":
+            console.print(f"retraining on {e['rows']} labelled rows ({e['data']}) through the pipeline:", highlight=False, soft_wrap=True)
+        else: progress(e)
+
+    with progress:
+        res = check_champion(cfg, data=data, log_dir=log_dir, window=window, labels=labels, out=out, retrain=retrain,
+                             on_checked=checked, on_event=on_event)
+    if res.get("retrain"):
+        line = _retrain_line(cfg, res["retrain"])
+        if as_json: console.print(line, highlight=False, soft_wrap=True, markup=False)
+        else: click.echo(line)
+    if as_json: _out(res, True, "")
     if res["alert"]: sys.exit(DRIFT_EXIT)
+
 
 # %% ../nbs/20_cli.ipynb #0019
 def _since(value: str | None) -> float | None:
@@ -479,12 +675,19 @@ def _refs(items) -> dict:
 def audit(ctx, kind, refs, actor, since, limit, as_json):
     "The audit log: who did what, when, to which run, model or bento."
     if ctx.invoked_subcommand: return
-    from mlnb.audit import events, _when
+    from mlnb.audit import events, outcome, _when
     evs = events(_cfg(ctx), kind=kind, refs=_refs(refs), who=actor, since=_since(since), limit=limit)
-    lines = [f"{e['seq']:>6}  {_when(e['ts'])}  {e['actor']:<12} {e['kind']:<18} " + " ".join(f"{k}={v}" for k, v in e["refs"].items())
-             + (f"  {e['data']['why']}" if e["data"].get("why") else "") + (f"  {'; '.join(e['data']['reasons'])}" if e["data"].get("reasons") else "")
-             for e in evs]
-    _out(evs, as_json, "\n".join(lines) or "no audit events match")
+    if as_json or not evs: _out(evs, as_json, "no audit events match"); return
+    from rich.console import Console
+    from rich.markup import escape
+    console = Console(highlight=False, soft_wrap=True)  # red and yellow under a terminal, plain text otherwise
+    for e in evs:
+        o = outcome(e)
+        word = (o["status"] or "").upper() if o["level"] == "failed" else (o["status"] or "")
+        line = escape(f"{e['seq']:>6}  {_when(e['ts'])}  {e['actor']:<12} {e['kind']:<18} {word:<11} "
+                      + " ".join(f"{k}={v}" for k, v in e["refs"].items()) + (f"  {o['why']}" if o["why"] else ""))
+        style = {"failed": "red", "warning": "yellow"}.get(o["level"])
+        console.print(f"[{style}]{line}[/]" if style else line)
 
 @audit.command("verify")
 @click.option("--json", "as_json", is_flag=True)
@@ -546,7 +749,9 @@ def reproduce(ctx, run_id, jobs, as_json):
 def report(ctx, out, as_json):
     "Delivery metrics: deployment frequency, lead time, change failure rate, drift incidents, accuracy over versions."
     from mlnb.governance import write_delivery_report, _dur
-    res = write_delivery_report(_cfg(ctx), out)
+    cfg = _cfg(ctx)
+    with _working(f"delivery metrics of {cfg.model_name} from the audit log and the registry, and the report's plots"):
+        res = write_delivery_report(cfg, out)
     m = res["metrics"]; d, inc = m["deployments"], m["incidents"]
     text = [f"model {m['model']}: {d['count']} deployments ({d['promotions']} promotions, {d['rollbacks']} rollbacks; "
             + (f"{d['per_week']:.2f} per week)" if d['per_week'] is not None else f"in {_dur(d['span_days'] * 86400)}: too short a history for a weekly rate)"),

@@ -80,6 +80,7 @@ SETTINGS = {
     "jobs": _S(int, "[1, inf)", "independent stages run at once"),
     "prestart": _S(int, "[0, inf)", "kernels started ahead of the stages that will use them"),
     "stage_timeout": _S(float, "(0, inf)", "seconds a stage may run before it is interrupted"),
+    "executed_dir": _S(str, "", "visible folder inside the project where each run's executed notebooks open (DIR/RUN/STAGE.ipynb)"),
     # the data, declared once (mlnb.tasks reads them)
     "task": _S(str, ("binary", "multiclass", "regression"), "what the model learns"),
     "target": _S(str, "", "the label column"),

@@ -9,8 +9,8 @@ from pathlib import Path
 from .errors import ValidationError, ConfigError
 
 # %% auto #0
-__all__ = ['infer_contract', 'contract_to_yaml', 'contract_from_yaml', 'load_contract', 'save_contract', 'check_frame',
-           'describe_violations', 'validate_frame']
+__all__ = ['infer_contract', 'ignored_columns', 'contract_to_yaml', 'contract_from_yaml', 'load_contract', 'save_contract',
+           'check_frame', 'unexpected_columns', 'describe_violations', 'validate_frame']
 
 # %% ../nbs/07_contracts.ipynb #0005
 def _pa():
@@ -18,41 +18,78 @@ def _pa():
     import pandera.pandas as pa
     return pa
 
-def infer_contract(df,                    # training data (features only, or with the label)
-                   margin: float = 1.0,   # room above the observed maximum, in observed spans
-                   bounds: dict | None = None, # {column: (low, high)} known from the domain, used as they are
+def _range(s, margin: float, given: tuple | None) -> tuple:
+    "The `(low, high)` bounds of a numeric column: observed, widened by `margin` spans, or as `given`."
+    import math
+    import pandas as pd
+    lo, hi = s.min(), s.max()
+    is_int = pd.api.types.is_integer_dtype(s)
+    lo, hi = (int(lo), int(hi)) if is_int else (float(lo), float(hi))
+    if margin:
+        pad = margin * (hi - lo)
+        wlo, whi = lo - pad, hi + pad
+        if lo >= 0: wlo = max(wlo, type(lo)(0))  # data that never went below zero does not start to
+        if is_int: wlo, whi = math.floor(wlo), math.ceil(whi)
+        else: wlo, whi = min(round(wlo, 4), lo), max(round(whi, 4), hi)  # tidy, never narrower than observed
+        lo, hi = wlo, whi
+    glo, ghi = given or (None, None)
+    def tidy(v): return int(v) if float(v).is_integer() and (is_int or isinstance(v, int)) else float(v)
+    return (lo if glo is None else tidy(glo)), (hi if ghi is None else tidy(ghi))
+
+def infer_contract(df,                          # training data (features only, or with the label)
+                   margin: float = 0.0,         # widen each numeric range by this fraction of its observed span, on both sides
+                   bounds: dict | None = None,  # {column: (low, high)} known from the domain (None on a side: the inferred one)
+                   ignore: list | tuple = (),   # columns of `df` the contract leaves out and names as ignored (ids, timestamps)
                   ):
-    "A pandera `DataFrameSchema` for `df`: dtypes, nullability, ranges and allowed categories."
+    "A pandera `DataFrameSchema` for `df`: dtypes, nullability, ranges (observed, unless widened) and allowed categories."
     import pandas as pd
     pa = _pa()
+    if margin < 0: raise ConfigError(f"margin = {margin!r}: a range is widened by a fraction of its span, 0 or more (0.1 adds 10% on each side)")
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) and c not in ignore]
+    for c, b in (bounds or {}).items():
+        if c not in numeric: raise ConfigError(f"bounds for {c!r}: not a numeric column of the data; numeric columns: {', '.join(map(str, numeric)) or '(none)'}")
+        if len(b) != 2 or (None not in b and b[0] > b[1]): raise ConfigError(f"bounds for {c!r} = {b!r}: expected (low, high) with low <= high")
     cols = {}
     for c in df.columns:
+        if c in ignore: continue
         s = df[c]
         nullable = bool(s.isna().any())
         if pd.api.types.is_bool_dtype(s):
             cols[c] = pa.Column(bool, nullable=nullable)
-        elif pd.api.types.is_numeric_dtype(s):
-            lo, hi = float(s.min()), float(s.max())
-            span = hi - lo
-            is_int = pd.api.types.is_integer_dtype(s)
-            if c in (bounds or {}): lo_b, hi_b = bounds[c]
-            else: lo_b, hi_b = (0.0 if lo >= 0 else round(lo - margin * span, 4)), round(hi + margin * span, 4)
-            if is_int: lo_b, hi_b = int(lo_b), int(hi_b)
-            cols[c] = pa.Column("int64" if is_int else "float64", [pa.Check.ge(lo_b), pa.Check.le(hi_b)], nullable=nullable)
+        elif c in numeric:
+            lo, hi = _range(s.dropna(), margin, (bounds or {}).get(c))
+            cols[c] = pa.Column("int64" if pd.api.types.is_integer_dtype(s) else "float64", [pa.Check.ge(lo), pa.Check.le(hi)], nullable=nullable)
         else:
             values = sorted(str(v) for v in s.dropna().unique())
             cols[c] = pa.Column(str, pa.Check.isin(values), nullable=nullable)
-    return pa.DataFrameSchema(cols, coerce=True, strict=True, name="contract")
+    return pa.DataFrameSchema(cols, coerce=True, strict=True, name="contract",
+                              metadata={"ignore_columns": [str(c) for c in ignore]} if len(ignore) else None)
 
 # %% ../nbs/07_contracts.ipynb #0006
-def contract_to_yaml(schema) -> str: return schema.to_yaml()
+def ignored_columns(schema) -> list:
+    "The columns a contract names as ignored: present or not in the data, they are not checked."
+    return list((schema.metadata or {}).get("ignore_columns") or [])
+
+def contract_to_yaml(schema) -> str:
+    "The contract as YAML: pandera's schema, and the ignored columns under `ignore_columns`."
+    import yaml
+    ign = ignored_columns(schema)
+    return schema.to_yaml() + (yaml.safe_dump({"ignore_columns": ign}, sort_keys=False) if ign else "")
 
 def contract_from_yaml(text: str):
     "A contract from its YAML text."
+    import yaml
     pa = _pa()
-    try: return pa.DataFrameSchema.from_yaml(text)
+    try:
+        schema = pa.DataFrameSchema.from_yaml(text)
+        ign = (yaml.safe_load(text) or {}).get("ignore_columns")
     except Exception as e:  # pandera raises many kinds for a malformed file
         raise ConfigError(f"the contract YAML is not a pandera DataFrameSchema: {e}") from None
+    if ign is not None:
+        if not isinstance(ign, list) or not all(isinstance(c, str) for c in ign):
+            raise ConfigError(f"the contract's ignore_columns = {ign!r}: expected a list of column names")
+        schema.metadata = {**(schema.metadata or {}), "ignore_columns": ign}
+    return schema
 
 def load_contract(path: Path | str):
     "Read a contract file."
@@ -64,9 +101,14 @@ def save_contract(schema, path: Path | str) -> Path:
     Path(path).write_text(contract_to_yaml(schema)); return Path(path)
 
 # %% ../nbs/07_contracts.ipynb #0008
-def check_frame(df, schema, examples: int = 3) -> dict:
-    "Validate `df` against `schema`; returns `{ok, rows, violations: [{column, check, rows, examples}]}`."
+def check_frame(df,                   # the data to check
+                schema,               # the contract
+                examples: int = 3,    # bad values quoted per column and check
+                exclude: list | tuple = (), # columns to leave out of this check (besides the contract's `ignore_columns`)
+               ) -> dict:
+    "Validate `df` against `schema`; returns `{ok, rows, violations: [{column, check, rows, examples}]}` (unexpected columns: `unexpected`)."
     pa = _pa()
+    df = df.drop(columns=[c for c in [*ignored_columns(schema), *exclude] if c in df.columns])
     try:
         schema.validate(df, lazy=True)
         return {"ok": True, "rows": len(df), "violations": []}
@@ -75,20 +117,31 @@ def check_frame(df, schema, examples: int = 3) -> dict:
     out = []
     col_of = fc["column"].where(fc["schema_context"] == "Column", "(columns)").fillna("(columns)").astype(str)
     for (col, check), g in fc.groupby([col_of, fc["check"].astype(str)], sort=False):
-        vals = list(dict.fromkeys(str(v) for v in g["failure_case"].tolist() if v is not None))[:examples]  # distinct bad values
+        vals = list(dict.fromkeys(str(v) for v in g["failure_case"].tolist() if v is not None))  # distinct bad values
         rows = int(g["index"].dropna().nunique()) if g["index"].notna().any() else len(g)
-        out.append({"column": col, "check": check, "rows": rows, "examples": [str(v) for v in vals]})
+        v = {"column": col, "check": check, "rows": rows, "examples": vals[:examples]}
+        if check == "column_in_schema": v["unexpected"] = vals  # every column the contract does not know
+        out.append(v)
     return {"ok": False, "rows": len(df), "violations": out}
+
+def unexpected_columns(report: dict) -> list:
+    "The columns of the checked data that the contract does not know."
+    return [c for v in report["violations"] for c in v.get("unexpected", [])]
 
 def describe_violations(report: dict) -> str:
     "One line per violated column and check."
-    return "; ".join(f"columns: {v['check']} failed for {', '.join(v['examples'])}" if v["column"] == "(columns)" else
-                     f"{v['column']}: {v['check']} failed for {v['rows']} row(s) (e.g. {', '.join(v['examples'][:3])})"
-                     for v in report["violations"])
+    def one(v):
+        if "unexpected" in v:
+            cols = v["unexpected"]
+            return (f"column{'s' if len(cols) > 1 else ''} {', '.join(cols)} not in the contract (leave {'them' if len(cols) > 1 else 'it'} "
+                    "out: list under ignore_columns in the contract)")
+        if v["column"] == "(columns)": return f"columns: {v['check']} failed for {', '.join(v['examples'])}"
+        return f"{v['column']}: {v['check']} failed for {v['rows']} row(s) (e.g. {', '.join(v['examples'][:3])})"
+    return "; ".join(one(v) for v in report["violations"])
 
 def validate_frame(df, schema):
     "Return `df` coerced to the contract, or raise `ValidationError` naming every broken check."
     rep = check_frame(df, schema)
     if not rep["ok"]:
         raise ValidationError(f"{len(rep['violations'])} contract check(s) failed on {rep['rows']} rows: {describe_violations(rep)}")
-    return schema.validate(df)
+    return schema.validate(df.drop(columns=[c for c in ignored_columns(schema) if c in df.columns]))

@@ -39,13 +39,18 @@ class ModelRefused(MlnbError):
 # %% ../nbs/00_errors.ipynb #0006
 class StageFailed(MlnbError):
     "A stage notebook raised; its executed notebook, with the failing cell marked, is at `notebook`."
-    def __init__(self, stage, cell, ename, evalue, notebook):
-        super().__init__(stage, cell, ename, evalue, notebook)
+    def __init__(self, stage, cell, ename, evalue, notebook, where=None, shown=None):
+        super().__init__(stage, cell, ename, evalue, notebook, where, shown)
         self.stage, self.cell, self.ename, self.evalue, self.notebook = stage, cell, ename, evalue, notebook
+        self.where, self.shown = where, shown  # the cell as its author counts it; the notebook's path as JupyterLab opens it
+
+    def __reduce__(self):  # both may be set after raising: keep them across processes
+        return type(self), (self.stage, self.cell, self.ename, self.evalue, self.notebook, self.where, self.shown)
 
     def __str__(self):
-        cell = f"cell In [{self.cell}]" if self.cell is not None else "before any cell ran"
-        return f"stage '{self.stage}' failed in {cell}: {self.ename}: {self.evalue} (executed notebook: {self.notebook})"
+        where = self.where or (f"cell In [{self.cell}]" if self.cell is not None else None)
+        return (f"stage '{self.stage}' failed {f'in {where}' if where else 'before any cell ran'}: {self.ename}: {self.evalue} "
+                f"(executed notebook: {self.shown or self.notebook})")
 
 class StageTimeout(StageFailed):
     "A stage ran longer than its timeout and was interrupted."

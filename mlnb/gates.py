@@ -215,11 +215,10 @@ def check_gate_settings(cfg: Config, task: Task | None = None) -> dict:
 
 # %% ../nbs/08_gates.ipynb #0017
 def _record_gates(cfg: Config, version: int, gates: list, passed: bool):
-    from mlnb.tracking import _client, _describe_version
-    with _client(cfg) as client:
-        client.set_model_version_tag(cfg.model_name, str(version), "mlnb.gates.passed", str(passed).lower())
-        client.set_model_version_tag(cfg.model_name, str(version), "mlnb.gates", json.dumps(gates)[:5000])
-        _describe_version(client, cfg.model_name, version)
+    from mlnb.tracking import _registry, _describe_version
+    with _registry(cfg.tracking_uri, cfg, lock=True) as reg:
+        reg.set_version_tags(cfg.model_name, version, {"mlnb.gates.passed": str(passed).lower(), "mlnb.gates": json.dumps(gates)[:5000]})
+        _describe_version(reg, cfg.model_name, version)
 
 def _git_of(tags: dict) -> dict:
     return {"commit": tags.get("mlnb.git.commit") or None, "dirty": tags.get("mlnb.git.dirty")}
@@ -231,9 +230,10 @@ def decide_promotion(cfg: Config, version: int, model, holdout, task: Task, repo
     check_required_gates(cfg, gates, task)
     policy = str(cfg.get("promotion") or "manual").strip().lower()
     if policy not in ("auto", "manual"): raise ConfigError(f"promotion = {policy!r}; accepted: auto, manual")
-    champion = tracking.load_model(cfg, "champion")
-    if champion is not None and "max_regression" in limits:
-        gates.append(compare_to_champion(model, champion, holdout, task, limits["max_regression"]))
+    champion_version = tracking.read_aliases(cfg.tracking_uri, cfg.model_name).get("champion")
+    champion = tracking.load_model(cfg, str(champion_version)) if champion_version is not None else None
+    if champion is not None and "max_regression" in limits:  # `against`: a later `promote` against the same champion need not compare again
+        gates.append({**compare_to_champion(model, champion, holdout, task, limits["max_regression"]), "against": champion_version})
     passed = all(g["passed"] for g in gates)
     _record_gates(cfg, version, gates, passed)
     info = tracking.model_version_info(cfg, str(version))
@@ -276,7 +276,10 @@ def promote_version(cfg: Config, version, reason: str) -> dict:
     reasons = policy_violations(cfg, gates, _git_of(v["tags"]), has_champion)
     if reasons: refuse(cfg, "promotion", version, reasons)
     task, limits = task_of(cfg), gate_limits(cfg)
-    if "max_regression" in limits and has_champion:
+    champion_version = next((n for n, x in versions.items() if "champion" in x["aliases"]), None)
+    compared = any(g["gate"] == "no_regression" and g.get("against") == champion_version and g["limit"] == -limits.get("max_regression", -1)
+                   for g in gates)  # its gates passed against this very champion, at today's limit: nothing new to compare
+    if "max_regression" in limits and has_champion and not compared:
         holdout = tracking.version_holdout(cfg, version)
         if holdout is None: refuse(cfg, "promotion", version, [f"version {version} has no holdout.parquet artifact to compare with the champion on (gate_max_regression)"], GateFailed)
         r = compare_to_champion(tracking.load_model(cfg, str(version)), tracking.load_model(cfg, "champion"), holdout, task, limits["max_regression"])

@@ -83,8 +83,10 @@ def lineage(cfg: Config, ref: str) -> dict:
         out["git"] = rec.get("git") or out["git"]
         for name, st in rec["stages"].items():
             nb = rd / "notebooks" / f"{name}.ipynb"
+            shown = cfg.root / st["visible_notebook"] if st.get("visible_notebook") else None  # the copy JupyterLab opens
+            nb = shown if shown is not None and shown.exists() else nb
             out["stages"].append({"stage": name, "status": st["status"], "params": st.get("params", {}), "cache_key": st.get("key"),
-                                  "notebook": str(nb) if nb.exists() else None, "executed_in_run": st.get("source_run") or rec["run_id"],
+                                  "notebook": os.path.relpath(nb, cfg.root) if nb.exists() else None, "executed_in_run": st.get("source_run") or rec["run_id"],
                                   "products": {p: m["sha256"] for p, m in (st.get("products") or {}).items()}})
     out["events"] = [e for e in events(cfg, refs={"model": cfg.model_name}) if e["refs"].get("version") == str(info["version"])]
     return out
@@ -108,7 +110,7 @@ def lineage_text(ln: dict) -> str:
     else: lines.append(ln.get("note", ""))
     lines.append(f"data digest {ln['data_digest']}")
     g = ln.get("git") or {}
-    lines.append(f"git commit {g.get('commit')}" + ("  (uncommitted changes)" if str(g.get("dirty")).lower() == "true" else ""))
+    lines.append(f"git commit {g.get('commit') or 'none recorded (the project was not a git repository)'}" + ("  (uncommitted changes)" if str(g.get("dirty")).lower() == "true" else ""))
     for e in ln.get("events", []):
         lines.append(f"  audit #{e['seq']} {_when(e['ts'])} {e['kind']} by {e['actor']}" + (f": {e['data'].get('why')}" if e["data"].get("why") else ""))
     return "\n".join(lines)
@@ -145,6 +147,8 @@ def model_card(cfg: Config,            # the project (its pipeline folder holds 
                task=None,              # the project's `Task` (default: from its settings)
                run: dict | None = None, # `{run_id, data_digest, git}` of the pipeline run
                plots: list | None = None, # names of the version's evaluation plots (logged under `plots/`)
+               params: dict | None = None, # `{stage: {parameter: value}}` the run's stages ran with
+               estimator: str | None = None, # the fitted model as scikit-learn prints it (its non-default hyperparameters)
               ) -> str:
     "The model card of one version, as Markdown."
     from mlnb.tasks import task_of
@@ -155,7 +159,7 @@ def model_card(cfg: Config,            # the project (its pipeline folder holds 
     run = run or {}
     g = run.get("git") or {}
     L += [f"- Model: `{cfg.model_name}` version {version}, a {task.kind} model of `{task.target}`; action: **{decision.get('action')}** ({decision.get('policy')} promotion)",
-          f"- Pipeline run: `{run.get('run_id')}`; git commit `{g.get('commit')}`" + (" with uncommitted changes" if g.get("dirty") else ""),
+          f"- Pipeline run: `{run.get('run_id')}`; git commit " + (f"`{g['commit']}`" if g.get('commit') else "none recorded (not a git repository)") + (" with uncommitted changes" if g.get("dirty") else ""),
           f"- Training data: SHA-256 `{run.get('data_digest')}`", ""]
     L += ["## Training data", "", f"| split | rows | {task.target} |", "|---|---|---|",
           f"| train | {len(train):,} | {_target_summary(task, train)} |", f"| holdout | {len(holdout):,} | {_target_summary(task, holdout)} |", ""]
@@ -180,7 +184,11 @@ def model_card(cfg: Config,            # the project (its pipeline folder holds 
         order = [s.path for s in discover(cfg.pipeline_dir).stages.values()]
     except MlnbError: order = sorted(p for p in cfg.pipeline_dir.glob("*.ipynb") if not p.name.startswith(("_", ".")))
     stages = [(p.stem, _first_paragraph("\n\n".join(_markdown_cells(p)))) for p in order]
-    L += ["## How it was made", "", *[f"- **{n}**: {t}" for n, t in stages if t], ""]
+    def ran_with(n):
+        p = {k: v for k, v in (params or {}).get(n, {}).items() if k != "upstream"}
+        return " Parameters: " + ", ".join(f"`{k} = {v!r}`" for k, v in p.items()) + "." if p else ""
+    L += ["## How it was made", "", *[f"- **{n}**: {t}{ran_with(n)}" for n, t in stages if t or ran_with(n)], ""]
+    if estimator: L += [f"The model (hyperparameters that differ from scikit-learn's defaults): `{estimator}`", ""]
     limits = [f"Gate {x['gate']} failed: {x['reason']}" for x in decision.get("gates", []) if not x["passed"]]
     limits += [f"Gate {x['gate']} passed within 10% of its limit ({x['value']:.4g} against {x['limit']:g})" for x in decision.get("gates", [])
                if x["passed"] and x["limit"] and abs(x["value"] - x["limit"]) <= 0.1 * abs(x["limit"])]

@@ -278,10 +278,17 @@ def list_incidents(cfg: Config) -> list:
     path = cfg.state / "incidents.json"
     return json.loads(path.read_text()) if path.exists() else []
 
-def retrain_on_window(cfg: Config, task, current, labels, features: list) -> dict:
-    "Train on the labelled window through the pipeline (its gates decide): the window goes to the stage parameter `source`."
+def _promotion(rec: dict) -> dict:
+    "What the register stage of run `rec` decided (its `promotion` product), or {} when no stage made one."
+    for st in rec["stages"].values():
+        p = Path(st["entry"]) / "promotion.json" if st.get("entry") and "promotion" in (st.get("products") or {}) else None
+        if p and p.exists(): return json.loads(p.read_text())
+    return {}
+
+def _retrain(cfg: Config, task, current, labels, features: list, on_event, out: dict):
+    "The steps of `retrain_on_window`, filling `out` as they go."
     from mlnb.pipeline import run_pipeline, RunOptions, discover
-    from mlnb import tracking
+    from mlnb import audit, tracking
     takers = [s.name for s in discover(cfg.pipeline_dir).stages.values() if "source" in s.params]
     if not takers:
         raise ConfigError("retraining feeds the labelled window to the pipeline through a stage parameter `source` (a data file "
@@ -293,16 +300,50 @@ def retrain_on_window(cfg: Config, task, current, labels, features: list) -> dic
     rel = Path(cfg.state_dir) / "retrain" / f"window-{time.strftime('%Y%m%d-%H%M%S')}.parquet"
     (cfg.root / rel).parent.mkdir(parents=True, exist_ok=True)
     window.to_parquet(cfg.root / rel, index=False)
-    from mlnb import audit
+    out.update(data=str(rel), rows=len(window))
     audit.record(cfg, "retrain.started", {"model": cfg.model_name}, {"data": str(rel), "rows": len(window)})
-    try: rec = run_pipeline(cfg, RunOptions(overrides=[f"{takers[0]}.source={rel}"]))
-    except Exception as e:
-        audit.record(cfg, "retrain.finished", {"model": cfg.model_name}, {"data": str(rel), "status": "failed", "error": str(e)[:2000]})
-        raise
-    champion = tracking.model_version_info(cfg, "champion")["version"]
-    audit.record(cfg, "retrain.finished", {"model": cfg.model_name, "run": rec["run_id"], "version": champion},
-                 {"data": str(rel), "status": rec["status"], "champion": champion})
-    return {"run_id": rec["run_id"], "data": str(rel), "rows": len(window), "champion": champion}
+    emit = on_event or (lambda e: None)
+    emit({"retrain": "started", "data": str(rel), "rows": len(window)})
+    def seen(e):  # the run's id comes with its first event
+        out["run_id"] = out["run_id"] or e.get("run_id"); emit(e)
+    rec = run_pipeline(cfg, RunOptions(overrides=[f"{takers[0]}.source={rel}"]), on_event=seen)
+    fate = _promotion(rec)
+    out.update(status=rec["status"], run_id=rec["run_id"], model_version=fate.get("version"), action=fate.get("action"),
+               policy_refusals=fate.get("policy_refusals") or [], champion=tracking.model_version_info(cfg, "champion")["version"])
+
+def retrain_on_window(cfg: Config,          # the project
+                      task,                 # its `tasks.Task`
+                      current,              # the judged window (with `request_id`)
+                      labels,               # `request_id` and the target
+                      features: list,       # the model's feature columns
+                      on_event=None,        # sees `{"retrain": "started", data, rows}`, then the pipeline run's events
+                     ) -> dict:
+    "Train on the labelled window through the pipeline (its gates decide); returns the outcome, failed ones included, audited either way."
+    from mlnb import audit
+    from mlnb.errors import MlnbError, StageFailed
+    out = {"status": "failed", "run_id": None, "data": None, "rows": 0}
+    try: _retrain(cfg, task, current, labels, features, on_event, out)
+    except (MlnbError, KeyboardInterrupt) as e:
+        from mlnb.pipeline import failure_text
+        stage = isinstance(e, StageFailed)
+        why = f"{e.ename}: {e.evalue}" if stage else str(e) or type(e).__name__
+        out.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=why.strip().splitlines()[0] if why.strip() else why,
+                   stage=e.stage if stage else None, notebook=(getattr(e, "shown", None) or _in_project(cfg, e.notebook)) if stage else None)
+        audit.record(cfg, "retrain.finished", {"model": cfg.model_name, "run": out["run_id"], "stage": out["stage"]},
+                     {"data": out["data"], "status": out["status"], "error": (failure_text(e) if stage else str(e))[:2000] or out["error"],
+                      "notebook": out["notebook"]})
+        if isinstance(e, KeyboardInterrupt): raise
+        return out
+    audit.record(cfg, "retrain.finished", {"model": cfg.model_name, "run": out["run_id"], "version": out["model_version"] or out["champion"]},
+                 {"data": out["data"], "status": out["status"], "champion": out["champion"], "action": out["action"],
+                  "policy_refusals": out["policy_refusals"] or None})
+    return out
+
+def _in_project(cfg: Config, path) -> str | None:
+    "`path` relative to the project when it is inside it."
+    if not path: return None
+    try: return str(Path(path).resolve().relative_to(cfg.root.resolve()))
+    except ValueError: return str(path)
 
 def read_labels(path, task):
     "A labels file: `request_id` and the project's target column (or one other column, taken as the target)."
@@ -314,8 +355,17 @@ def read_labels(path, task):
         raise ValidationError(f"labels file {path} needs columns request_id and {task.target} (target in settings.ini); it has {', '.join(map(str, lab.columns))}")
     return lab
 
-def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, labels=None, out=None, retrain: bool = False) -> dict:
-    "Judge the champion's traffic; write and log the report; track incidents; retrain if asked and needed."
+def check_champion(cfg: Config,             # the project
+                   data=None,               # a data file to judge instead of the prediction log
+                   log_dir=None,            # the prediction log folder (default: the `prediction_log` setting)
+                   window: int = 5000,      # the newest N logged answers of the champion
+                   labels=None,             # a labels file (`request_id` and the target): adds performance
+                   out=None,                # the report folder (default: `.mlnb/monitor/TIME`)
+                   retrain: bool = False,   # on an alert, retrain on the labelled window through the pipeline
+                   on_checked=None,         # called with the result once the report is written and the incident recorded, before retraining
+                   on_event=None,           # the retraining's progress (see `retrain_on_window`)
+                  ) -> dict:
+    "Judge the champion's traffic; write and log the report; track incidents; retrain if asked and needed (its outcome, failed or not, in `retrain`)."
     import pandas as pd
     from mlnb import tracking
     from mlnb.errors import NotFound
@@ -356,8 +406,9 @@ def check_champion(cfg: Config, data=None, log_dir=None, window: int = 5000, lab
     audit.record(cfg, "drift.alert" if alert else "monitor.checked", {"model": cfg.model_name, "version": version, "mlflow_run": run_id},
                  {"dataset_drift": rep["dataset_drift"], "drifted_columns": rep["drifted_columns"], "prediction_drift": pred_drift,
                   "degraded": bool(perf.get("degraded")), "report": paths["html"], "metric": task.primary, "live": live or None})
-    res = {"report": rep, "paths": paths, "alert": alert, "mlflow_run_id": run_id, "incident": _incidents(cfg, alert, version, rep)}
+    res = {"report": rep, "paths": paths, "alert": alert, "mlflow_run_id": run_id, "incident": _incidents(cfg, alert, version, rep), "retrain": None}
+    if on_checked: on_checked(res)
     if alert and retrain:
-        if lab is None: raise ConfigError("--retrain needs --labels: the new training data is the labelled window")
-        res["retrain"] = retrain_on_window(cfg, task, current, lab, features)
+        res["retrain"] = (retrain_on_window(cfg, task, current, lab, features, on_event) if lab is not None else
+                          {"status": "not run", "error": "retraining needs labels (--labels FILE): the new training data is the labelled window"})
     return res

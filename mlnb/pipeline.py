@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pipeline.ipynb #0002
 from __future__ import annotations
-import ast, graphlib, hashlib, json, os, platform, queue, secrets, shutil, signal, subprocess, sys, threading, time
+import ast, graphlib, hashlib, json, os, platform, queue, re, secrets, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +15,9 @@ from .errors import ConfigError, NotFound, PipelineError, StageFailed, StageTime
 
 # %% auto #0
 __all__ = ['WATCH_EVERY', 'KILL_GRACE', 'Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params',
-           'env_digest', 'input_digests', 'cache_key', 'products_digest', 'runs_dir', 'new_run_id', 'KernelPool',
-           'RunOptions', 'load_run', 'list_runs', 'verify_entry', 'clean_leftovers', 'run_pipeline']
+           'env_digest', 'input_digests', 'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id',
+           'KernelPool', 'failure_text', 'RunOptions', 'load_run', 'list_runs', 'verify_entry', 'clean_leftovers',
+           'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Stage:
     inputs: tuple = ()  # files (relative to the project folder) whose content enters the cache key
     settings: tuple = ()  # `[mlnb]` keys (glob patterns) whose values, after `MLNB_*` overrides, enter the cache key
     deterministic: bool = True  # False: reruns may make different bytes (timings, registry state); `mlnb reproduce` expects that
+    imports: tuple = ()  # (statement, top-level modules) of the imports it starts with: what its kernel may import before it starts
 
     @property
     def code_digest(self) -> str:
@@ -38,6 +40,23 @@ class Stage:
 def _src(cell) -> str:
     s = cell.get("source", "")
     return "".join(s) if isinstance(s, list) else s
+
+def _leading_imports(sources: list,       # the stage's code cells, in order
+                     params: int | None,   # the index of its parameters cell among them
+                    ) -> tuple:
+    "The import statements a stage starts with, each with the top-level modules it names; reading stops at the first statement that is not one."
+    out = []
+    for i, src in enumerate(sources):
+        try: tree = ast.parse(src)
+        except SyntaxError: break  # a magic or a shell escape: code we do not read, so nothing after it is imported early
+        for node in tree.body:
+            if isinstance(node, ast.Import): out.append((ast.unparse(node), tuple(dict.fromkeys(a.name.split(".")[0] for a in node.names))))
+            elif isinstance(node, ast.ImportFrom) and node.module == "__future__": continue
+            elif isinstance(node, ast.ImportFrom) and not node.level: out.append((ast.unparse(node), (node.module.split(".")[0],)))
+            elif i == params and isinstance(node, (ast.Assign, ast.AnnAssign)): continue  # parameter defaults: literals
+            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant): continue  # a docstring
+            else: return tuple(out)  # code that may change what an import finds (sys.path, os.environ, the cwd): stop here
+    return tuple(out)
 
 def _parse_parameters(src: str, path: Path) -> dict:
     try: tree = ast.parse(src)
@@ -79,9 +98,10 @@ def read_stage(path: Path | str) -> Stage:
     deterministic = params.pop("deterministic", True)
     if not isinstance(deterministic, bool):
         raise PipelineError(f"{path.name}: deterministic = {deterministic!r} must be True or False")
-    code = tuple(_src(c) for c in cells if c.get("cell_type") == "code"
-                 and "injected-parameters" not in c.get("metadata", {}).get("tags", []))
-    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings), deterministic)
+    run = [c for c in cells if c.get("cell_type") == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    code = tuple(_src(c) for c in run)
+    imports = _leading_imports(list(code), next(i for i, c in enumerate(run) if c is pcells[0]))
+    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings), deterministic, imports)
 
 # %% ../nbs/05_pipeline.ipynb #0007
 @dataclass
@@ -240,64 +260,362 @@ def _link_or_copy(src: Path, dst: Path):
 
 def runs_dir(cfg: Config) -> Path: return cfg.state / "runs"
 
+def executed_dir(cfg: Config) -> Path:
+    "The visible folder (setting `executed_dir`, default `runs`) where a run's executed notebooks open: `DIR/RUN/STAGE.ipynb`."
+    rel = str(cfg.get("executed_dir") or "runs").strip() or "runs"
+    root = cfg.root.resolve()
+    p = (root / rel).resolve()
+    if p == root or not p.is_relative_to(root):
+        raise ConfigError(f"executed_dir = {rel!r} is not a folder inside the project {cfg.root}; accepted: a relative path such as runs")
+    hidden = [part for part in p.relative_to(root).parts if part.startswith(".")]
+    if hidden:
+        raise ConfigError(f"executed_dir = {rel!r} is hidden ({hidden[0]!r} starts with a dot) and JupyterLab does not open hidden paths; "
+                          "accepted: a visible folder inside the project, such as runs")
+    return p
+
+def _show_notebook(cfg: Config, run_dir: Path, shown: Path, name: str) -> str | None:
+    "Make the executed notebook of stage `name` openable in `shown` (a hard link, else a copy); its path relative to the project."
+    src, dst = run_dir / "notebooks" / f"{name}.ipynb", shown / f"{name}.ipynb"
+    try:
+        if not dst.exists() or not dst.samefile(src): _link_or_copy(src, dst)
+    except OSError: return None  # no notebook (the stage never started), or the folder cannot be written: the run goes on
+    return str(dst.relative_to(cfg.root.resolve()))
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
+# %% ../nbs/05_pipeline.ipynb #0021z
+_LAUNCH = ("import sys, os, importlib.util\n"
+           "if sys.path and sys.path[0] in ('', os.getcwd()): del sys.path[0]\n"  # as ipykernel_launcher does; the shell puts the cwd back
+           "sys.argv[0] = importlib.util.find_spec('ipykernel_launcher').origin\n"  # what the kernel's sys.argv says with `-m`
+           "sys.modules['debugpy'] = None\n"  # so ipykernel starts without its debugger, whose import is half a kernel's start
+           "from ipykernel.kernelapp import IPKernelApp\n"
+           "IPKernelApp.instance().initialize()\n"
+           "del sys.modules['debugpy']\n"  # a stage that imports debugpy itself gets it
+           "IPKernelApp.instance().start()\n")
+
+def _launch_argv(argv: list) -> list:
+    "A kernel spec's command, started without the debugger when it is ipykernel's usual `python -m ipykernel_launcher ...`."
+    if len(argv) >= 3 and list(argv[1:3]) == ["-m", "ipykernel_launcher"]: return [argv[0], "-c", _LAUNCH, *argv[3:]]
+    return list(argv)
+
+_ZYGOTE = r'''
+import importlib.util, json, os, select, signal, sys
+if sys.path and sys.path[0] in ("", os.getcwd()): del sys.path[0]
+launcher = importlib.util.find_spec("ipykernel_launcher").origin
+sys.modules["debugpy"] = None
+from ipykernel.kernelapp import IPKernelApp
+r, w = os.pipe(); os.set_blocking(w, False)
+signal.signal(signal.SIGCHLD, lambda *a: None); signal.set_wakeup_fd(w)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+say = lambda d: os.write(1, (json.dumps(d) + "\n").encode())
+say({"ready": os.getpid()})
+buf = b""
+while True:
+    ready = select.select([0, r], [], [])[0]
+    if r in ready: os.read(r, 4096)
+    while True:
+        try: pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError: break
+        if not pid: break
+        say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+    if 0 not in ready: continue
+    data = os.read(0, 1 << 16)
+    if not data: break
+    buf += data
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        args = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1); signal.signal(signal.SIGCHLD, signal.SIG_DFL); signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.close(r); os.close(w); os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2): os.dup2(null, fd)
+                os.environ["JPY_PARENT_PID"] = str(os.getppid())
+                sys.argv = [launcher, *args]
+                IPKernelApp.instance().initialize()
+                del sys.modules["debugpy"]
+                IPKernelApp.instance().start()
+                code = 0
+            except SystemExit as e: code = e.code if isinstance(e.code, int) else 0
+            finally: os._exit(code)
+        say({"pid": pid})
+'''
+
+class _Forked:
+    "A kernel process the zygote forked: what jupyter_client's local provisioner asks of a `Popen`."
+    stdin = stdout = stderr = None
+    def __init__(self, pid: int, zygote):
+        self.pid, self.returncode, self._zygote, self._gone = pid, None, zygote, threading.Event()
+
+    def _exited(self, code: int): self.returncode = code; self._gone.set()
+
+    def poll(self):
+        if self.returncode is None and self._zygote.proc.poll() is not None:  # its parent is gone: ask the system
+            try: os.kill(self.pid, 0)
+            except ProcessLookupError: self._exited(-signal.SIGKILL)  # how it ended is not known any more
+            except PermissionError: pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None):
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() >= end: raise subprocess.TimeoutExpired(f"kernel {self.pid}", timeout)
+            self._gone.wait(0.2 if end is None else max(0.0, min(0.2, end - time.monotonic())))
+        return self.returncode
+
+    def send_signal(self, sig: int):
+        if self.poll() is None: os.kill(self.pid, sig)
+
+    def kill(self): self.send_signal(signal.SIGKILL)
+    def terminate(self): self.send_signal(signal.SIGTERM)
+
+class _Zygote:
+    "One process per run that imports ipykernel once and forks a fresh kernel process for each stage."
+    def __init__(self, python: str, env: dict, cwd: str):
+        self.python, self.env, self.cwd = python, env, cwd
+        self.proc = subprocess.Popen([python, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=env, cwd=cwd, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith(b'{"ready"'): self.proc.kill(); raise RuntimeError("the kernel zygote did not start")
+        self._send, self._lock, self._pids, self._kids, self._early = threading.Lock(), threading.Lock(), queue.Queue(), {}, {}
+        threading.Thread(target=self._read, daemon=True, name="mlnb-zygote").start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            if "pid" in msg: self._pids.put(msg["pid"]); continue
+            with self._lock:
+                kid = self._kids.pop(msg["exit"], None)
+                if kid is None: self._early[msg["exit"]] = msg["code"]
+            if kid is not None: kid._exited(msg["code"])
+        self._pids.put(None)
+
+    def fork(self, args: list) -> _Forked:
+        "A new kernel process, started with command-line arguments `args` (those after `-m ipykernel_launcher`)."
+        with self._send:
+            self.proc.stdin.write((json.dumps(args) + "\n").encode()); self.proc.stdin.flush()
+            pid = self._pids.get(timeout=60)
+        if pid is None: raise RuntimeError("the kernel zygote is gone")
+        kid = _Forked(pid, self)
+        with self._lock:
+            if pid in self._early: kid._exited(self._early.pop(pid))
+            else: self._kids[pid] = kid
+        return kid
+
+    def close(self):
+        "Stop forking; the kernels it forked are stopped by their managers (and stop themselves once it is gone)."
+        try: self.proc.stdin.close()
+        except OSError: pass
+        try: self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired: self.proc.kill()
+
+_PROVISIONER: list = []
+
+def _provisioner():
+    "jupyter_client's local provisioner, launching the kernel through the run's zygote when it can (`mlnb_zygote` returns it, or None)."
+    if _PROVISIONER: return _PROVISIONER[0]
+    from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+
+    class Provisioner(LocalProvisioner):
+        mlnb_zygote = None  # set by the pool: (python, env, cwd) -> a _Zygote, or None when kernels start the usual way
+        async def launch_kernel(self, cmd, **kw):
+            env, cwd = {k: v for k, v in (kw.get("env") or {}).items() if k != "JPY_PARENT_PID"}, kw.get("cwd")
+            zygote = self.mlnb_zygote(cmd[0], env, cwd) if self.mlnb_zygote and list(cmd[1:3]) == ["-c", _LAUNCH] else None
+            if zygote is None or (zygote.python, zygote.env, zygote.cwd) != (cmd[0], env, cwd): return await super().launch_kernel(cmd, **kw)
+            self.process = zygote.fork(list(cmd[3:]))
+            self.pid = self.pgid = self.process.pid  # it is its own process group, as a kernel jupyter_client starts is
+            return self.connection_info
+
+    _PROVISIONER.append(Provisioner)
+    return Provisioner
+
 # %% ../nbs/05_pipeline.ipynb #0021
+_WARM = '''
+import importlib.util, sys, sysconfig
+from pathlib import Path
+from IPython import get_ipython
+
+class NotYet:
+    "The stage's context while its kernel warms: an import that reads it fails here, and the stage makes that import itself."
+    def __bool__(self): raise RuntimeError("the stage has not started")
+    def __getattr__(self, name): self.__bool__()
+    __getitem__ = __contains__ = __iter__ = __len__ = get = lambda self, *a: self.__bool__()
+
+def installed(top, dists=[]):
+    "Whether the top-level module `top` is already imported, or comes from the standard library or an installed distribution, not from next to the notebooks."
+    if top in sys.modules: return True
+    try: spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError): return False
+    if spec is None: return False
+    where = spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or []), None)
+    if where is None: return top in sys.builtin_module_names
+    where = Path(where).resolve()
+    if where.is_relative_to(Path.cwd().resolve()): return False
+    if any(where.is_relative_to(Path(p).resolve()) for k, p in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")): return True
+    import importlib.metadata as md
+    try: md.distribution(top); return True  # an editable install of a distribution named after its package
+    except md.PackageNotFoundError: pass
+    if not dists: dists.append(md.packages_distributions())
+    return top in dists[0]
+
+ns = get_ipython().user_ns
+ns["mlnb_context"] = not_yet = NotYet()
+try:
+    for statement, tops in PLAN:
+        if not all(installed(t) for t in tops): break
+        try: exec(statement, {"__name__": "__mlnb_warm__"})
+        except Exception: break  # the stage raises it itself, in its own cell
+finally:
+    if ns.get("mlnb_context") is not_yet: del ns["mlnb_context"]
+'''
+
+def _warm_code(imports: tuple) -> str:
+    "What a started-ahead kernel runs, silently, to make the imports `imports` before its stage starts; it binds no name of the stage's."
+    return f"exec(compile({_WARM!r}, '<mlnb warm-up>', 'exec'), {{'__name__': '__mlnb_warm__', 'PLAN': {list(imports)!r}}})"
+
+_MANAGER: list = []
+
+def _manager():
+    "A kernel manager whose `client()` hands out, once, the client the pool connected, so papermill does not wait for the kernel again."
+    if _MANAGER: return _MANAGER[0]
+    from jupyter_client.manager import KernelManager
+
+    class Manager(KernelManager):
+        def client(self, **kw):
+            kc = getattr(self, "mlnb_client", None)
+            if kc is None: return super().client(**kw)
+            self.mlnb_client = None
+            return kc
+
+    _MANAGER.append(Manager)
+    return Manager
+
+def _await_kernel(kc, timeout: float):
+    "Wait until the kernel answers on its shell channel and its iopub messages reach `kc` (nbclient's wait, without its 0.2 s of silence)."
+    from queue import Empty
+    end = time.monotonic() + timeout
+    while True:
+        kc.kernel_info()
+        try:
+            while True:  # its reply (a reply to an earlier request of this loop is as good)
+                reply = kc.get_shell_msg(timeout=max(0.1, min(1.0, end - time.monotonic())))
+                if reply["msg_type"] == "kernel_info_reply": break
+            kc.get_iopub_msg(timeout=0.2)  # any message: the subscription is live, so no output of the stage can be lost
+            kc._handle_kernel_info_reply(reply)
+            return
+        except Empty:
+            if time.monotonic() >= end: raise RuntimeError(f"the kernel did not answer within {timeout:g} s") from None
+
+class _Slot:
+    "A kernel being started for one stage."
+    def __init__(self, stage: str): self.stage, self.km, self.error, self.done = stage, None, None, threading.Event()
+
 class KernelPool:
-    "Kernels started ahead of the stages that will use them; each kernel runs exactly one stage."
-    def __init__(self, kernel_name: str, cwd: Path, env: dict, ahead: int, budget: int):
-        self.kernel_name, self.cwd, self.env, self.ahead, self.budget = kernel_name, str(cwd), env, ahead, budget
-        self._ready: queue.Queue = queue.Queue()
+    "Kernels started ahead of the stages that will use them, each connected and warmed for its stage; each kernel runs exactly one stage."
+    def __init__(self, kernel_name: str,       # the Jupyter kernel spec stages run in
+                 cwd: Path,                    # where kernels start: the pipeline folder
+                 env: dict,                    # their environment: the run's, the same for every stage
+                 ahead: int,                   # kernels kept started for the stages next in line
+                 plan: dict | None = None,     # stage -> its leading imports (`Stage.imports`), for the stages that may run, in order
+                ):
+        self.kernel_name, self.cwd, self.env, self.ahead = kernel_name, str(cwd), env, ahead
+        self._plan = dict(plan or {})
+        self._next = list(self._plan)  # stages that may still need a kernel, in run order
+        self._slots: dict = {}         # stage -> _Slot: started for it, not taken yet
         self._lock = threading.Lock()
-        self._started = self._taken = 0
         self._live: set = set()
         self._threads: list = []
         self._closed = False
+        self._zygote, self._zlock = None, threading.Lock()  # None: not started yet; False: kernels start the usual way
 
-    def _start_one(self):
-        from jupyter_client.manager import KernelManager
-        km = KernelManager(kernel_name=self.kernel_name)
-        km.client_factory = _watched_client()  # a dead kernel ends its stage instead of hanging it
+    def _zygote_for(self, python: str, env: dict, cwd: str):
+        "The run's zygote (started by the first kernel that asks), or None if it cannot start."
+        with self._zlock:
+            if self._zygote is None and not self._closed:
+                try: self._zygote = _Zygote(python, env, cwd)
+                except (OSError, RuntimeError): self._zygote = False  # e.g. an ipykernel too old to be imported this way
+            return self._zygote or None
+
+    def _start(self, stage: str):  # with the lock held
+        self._slots[stage] = slot = _Slot(stage)
+        t = threading.Thread(target=self._start_one, args=(slot,), daemon=True, name=f"mlnb-kernel-{stage}")
+        t.start(); self._threads.append(t)
+
+    def _start_one(self, slot: _Slot):
         try:
+            km = _manager()(kernel_name=self.kernel_name)
+            km.client_factory = _watched_client()  # a dead kernel ends its stage instead of hanging it
+            km.kernel_spec.argv = _launch_argv(km.kernel_spec.argv)
+            km.kernel_id = secrets.token_hex(16)
+            km.provisioner = _provisioner()(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
+            km.provisioner.mlnb_zygote = self._zygote_for
             km.start_kernel(cwd=self.cwd, env=self.env, stderr=subprocess.DEVNULL)
         except Exception as e:  # jupyter_client raises many kinds here; the message names the kernel
-            self._ready.put(e); return
+            slot.error = e; slot.done.set(); return
         km.mlnb_process = getattr(km.provisioner, "process", None)
         km.mlnb_alive = _alive_check(km)
         with self._lock: self._live.add(km)
-        self._ready.put(km)
+        try:
+            km.mlnb_kc = kc = km.client()
+            kc.start_channels(); _await_kernel(kc, 60)
+            if self._plan.get(slot.stage):  # sent, not waited for: the stage's first cell runs after it, in the same kernel
+                kc.execute(_warm_code(self._plan[slot.stage]), silent=True, store_history=False, allow_stdin=False)
+            kc.mlnb_ready = True
+            with self._lock:
+                if self._closed: raise PipelineError("the run is stopping")
+                km.mlnb_client, slot.km = kc, km
+        except Exception as e:  # it died, never answered, or the pool was closed meanwhile
+            slot.error = e; self.release(km)
+        slot.done.set()
 
-    def _fill(self):
-        with self._lock:
-            want = min(self.ahead + self._taken, self.budget) - self._started
-            if self._closed or want <= 0: return
-            self._started += want
-        for _ in range(want):
-            t = threading.Thread(target=self._start_one, daemon=True); t.start(); self._threads.append(t)
+    def _fill(self):  # with the lock held
+        for stage in self._next[:self.ahead]:
+            if stage not in self._slots: self._start(stage)
 
     def fill(self):
-        "Start kernels ahead, up to `ahead` waiting and never more than `budget` in all."
-        self._fill()
-
-    def reduce_budget(self, n: int = 1):
-        "Some stages turned out not to need a kernel (their products were reused)."
-        with self._lock: self.budget -= n
-
-    def take(self):
-        "A started kernel manager for one stage (blocks until one is ready)."
+        "Start kernels for the next `ahead` stages in line that have none."
         with self._lock:
-            self._taken += 1
-            if self._started < self._taken: self.budget = max(self.budget, self._taken)
-        self._fill()
-        got = self._ready.get()
-        if isinstance(got, Exception):
-            raise ConfigError(f"cannot start the Jupyter kernel '{self.kernel_name}': {got}; "
-                              f"installed kernels: see `jupyter kernelspec list`, set kernel in settings.ini [mlnb]") from got
-        return got
+            if not self._closed: self._fill()
 
-    def release(self, km):
-        "Stop a used kernel now, in the background."
+    def forget(self, stage: str):
+        "`stage` needs no kernel after all (its products were reused, or it is skipped): a kernel started for it is stopped."
+        with self._lock:
+            if stage in self._next: self._next.remove(stage)
+            slot = self._slots.pop(stage, None)
+            if slot and not self._closed: self._fill()
+        if slot: threading.Thread(target=lambda: slot.done.wait() and slot.km and self.release(slot.km), daemon=True).start()
+
+    def take(self, stage: str):
+        "The kernel manager started for `stage` (started now if none was), once its kernel answers; its warm-up may still be running in it."
+        with self._lock:
+            if self._closed: raise PipelineError("the run is stopping; no kernel is handed out")
+            if stage in self._next: self._next.remove(stage)
+            if stage not in self._slots: self._start(stage)
+            slot = self._slots.pop(stage)
+            self._fill()
+        slot.done.wait()
+        if slot.error is not None:
+            raise ConfigError(f"cannot start the Jupyter kernel '{self.kernel_name}': {slot.error}; "
+                              f"installed kernels: see `jupyter kernelspec list`, set kernel in settings.ini [mlnb]") from slot.error
+        return slot.km
+
+    def _stop_channels(self, km):
+        kc = getattr(km, "mlnb_kc", None)
+        if kc is None or getattr(kc, "mlnb_stopped", False): return
+        kc.mlnb_stopped = True
+        try: kc.stop_channels()
+        except Exception: pass  # its sockets close with the process either way
+
+    def release(self, km, channels: bool = True):
+        "Stop a kernel now, in the background; `channels`: close its client's channels first (only the thread that uses that client may)."
+        if channels: self._stop_channels(km)
+        with self._lock:
+            if getattr(km, "mlnb_released", False): return
+            km.mlnb_released = True
         def stop():
             try: km.shutdown_kernel(now=True)
             except Exception: pass  # the kernel may already be gone; nothing is lost either way
@@ -315,16 +633,14 @@ class KernelPool:
         for km in live: _kill_kernel(km)
 
     def close(self):
-        "Stop every kernel this pool started (unused ones included) and wait for them to go."
-        with self._lock: self._closed = True
+        "Stop every kernel this pool started (those started ahead for stages that never ran included) and wait for them to go."
+        with self._lock: self._closed = True; idle, self._slots = list(self._slots.values()), {}; live = list(self._live)
+        for slot in idle:  # started ahead for stages that never took them: nobody uses their clients
+            if slot.done.is_set() and slot.km is not None: self.release(slot.km)
+        for km in live: self.release(km, channels=False)  # a stage's, or one still starting: its own thread closes its client
         for t in list(self._threads): t.join(timeout=10)
-        while not self._ready.empty():
-            km = self._ready.get()
-            if not isinstance(km, Exception): self.release(km)
-        for t in list(self._threads): t.join(timeout=10)
-        for km in list(self._live):
-            try: km.shutdown_kernel(now=True)
-            except Exception: pass
+        with self._zlock: zygote, self._zygote = self._zygote, False
+        if zygote: zygote.close()
 
 # %% ../nbs/05_pipeline.ipynb #0021b
 WATCH_EVERY = 0.5  # seconds between checks that the kernel of a running stage is alive
@@ -356,9 +672,13 @@ def _watched_client():
     class Client(BlockingKernelClient):
         shell_channel_class = Type(Channel)
         iopub_channel_class = Type(Channel)
+        mlnb_ready = False  # connected by the pool, and the kernel answered: nothing left to wait for
         def start_channels(self, *args, **kw):
+            if self.mlnb_ready: return  # the pool started them (a heartbeat thread starts only once)
             super().start_channels(*args, **kw)
             self.shell_channel.alive = self.iopub_channel.alive = getattr(self.parent, "mlnb_alive", None)
+        def wait_for_ready(self, timeout=None):
+            if not self.mlnb_ready: super().wait_for_ready(timeout)
 
     _CLIENT.append(Client)
     return Client
@@ -394,7 +714,6 @@ def _interrupt_kernel(km):
     try: km.interrupt_kernel()
     except Exception: pass  # already gone
 
-
 # %% ../nbs/05_pipeline.ipynb #0024
 def _import_papermill():
     if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
@@ -420,6 +739,32 @@ def _mark_cell(out_nb: Path, index: int | None, count: int, ename: str, evalue: 
     except PapermillExecutionError: pass  # raised after writing the marked notebook: what we wanted
     except (OSError, ValueError, IndexError, KeyError): pass  # the notebook stays as papermill wrote it
 
+def _author_cell(out_nb: Path,                 # the executed notebook
+                 index: int | None,            # the failing cell's index in it, as papermill and nbclient count
+                 source_name: str,             # the stage notebook's file name, e.g. train.ipynb
+                 traceback: list | None = None, # the cell's error traceback (for the line that raised)
+                 count: int | None = None,     # the cell's execution count (`In [n]`)
+                ) -> str | None:
+    "The failing cell as its author finds it: its number among the notebook's own code cells (papermill's injected cell is not one), the line, and how the cell starts."
+    if index is None: return None
+    try: cells = json.loads(Path(out_nb).read_text())["cells"]
+    except (OSError, ValueError, KeyError, TypeError): return None
+    tags = lambda c: c.get("metadata", {}).get("tags", [])
+    cells = [c for c in cells if "papermill-error-cell-tag" not in tags(c)]  # the notes papermill adds around a failure
+    if not 0 <= index < len(cells) or cells[index].get("cell_type") != "code": return None
+    if "injected-parameters" in tags(cells[index]): return f"the parameters cell papermill injected into {source_name}"
+    number = sum(c.get("cell_type") == "code" and "injected-parameters" not in tags(c) for c in cells[:index + 1])
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(traceback or []))
+    lines = [int(m.group(2)) for m in re.finditer(r"Cell In\s*\[(\d+)\], line (\d+)", plain) if count is None or int(m.group(1)) == count]
+    first = next((l.strip() for l in _src(cells[index]).splitlines() if l.strip()), "")
+    if len(first) > 40: first = first[:39] + "…"
+    return (f"code cell {number} of {source_name}" + (f", line {lines[-1]}" if lines else "")
+            + (f" (the cell starting `{first}`)" if first else " (an empty cell)"))
+
+def failure_text(e: StageFailed) -> str:
+    "The one line a person reads about a failed stage: the cell as its author finds it, and the executed notebook as JupyterLab opens it."
+    return str(e)  # `StageFailed` says it with its `where` and `shown`
+
 def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: float, stop: threading.Event | None = None):
     import logging
     _import_papermill()
@@ -439,36 +784,41 @@ def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: f
     timer = threading.Timer(timeout, on_timeout); timer.daemon = True; timer.start(); timers.append(timer)
     too_long = f"ran longer than its timeout of {timeout:g} s and was interrupted"
     nb = str(out_nb)
+    def failed(cls, count, ename, evalue, index, traceback=None):
+        "The stage's error, saying where its author finds the cell (`In [n]` counts papermill's injected cell too)."
+        err = cls(stage.name, count, ename, evalue, nb)
+        err.where = _author_cell(out_nb, index, stage.path.name, traceback, count)
+        return err
     try:
         pm.execute_notebook(str(stage.path), nb, parameters={**params, "mlnb_context": ctx}, km=km,
                             kernel_name=km.kernel_name, progress_bar=False, log_output=False,
                             request_save_on_cell_execute=True, autosave_cell_every=10, on_cell_execute=on_cell_execute)
     except PapermillExecutionError as e:
-        if timed_out.is_set(): raise StageTimeout(stage.name, e.exec_count, "Timeout", too_long, nb) from None
-        raise StageFailed(stage.name, e.exec_count, e.ename, e.evalue, nb) from None
+        if timed_out.is_set(): raise failed(StageTimeout, e.exec_count, "Timeout", too_long, e.cell_index, e.traceback) from None
+        raise failed(StageFailed, e.exec_count, e.ename, e.evalue, e.cell_index, e.traceback) from None
     except _Stopped:
         if timed_out.is_set():
-            raise StageTimeout(stage.name, running["count"] or None, "Timeout", f"{too_long}; no further cell ran", nb) from None
+            raise failed(StageTimeout, running["count"] or None, "Timeout", f"{too_long}; no further cell ran", running["index"]) from None
         raise KeyboardInterrupt from None  # the run was interrupted between two cells
     except (RuntimeError, OSError) as e:  # the kernel died or was killed, could not start, or the notebook could not be written
         gone = not getattr(km, "mlnb_alive", lambda: True)()
         if timed_out.is_set():
             why = f"{too_long}; it did not stop, so its kernel was killed after {KILL_GRACE:g} s" if killed.is_set() else too_long
             _mark_cell(out_nb, running["index"], running["count"], "Timeout", why)
-            raise StageTimeout(stage.name, running["count"], "Timeout", why, nb) from None
+            raise failed(StageTimeout, running["count"], "Timeout", why, running["index"]) from None
         if gone and stop.is_set():
             _mark_cell(out_nb, running["index"], running["count"], "KeyboardInterrupt", "the run was interrupted and its kernel stopped")
             raise KeyboardInterrupt from None
         if gone:
             why = f"its kernel died ({_death(km)}); the cell that was running is marked in the executed notebook"
             _mark_cell(out_nb, running["index"], running["count"], "KernelDied", why)
-            raise StageFailed(stage.name, running["count"] or None, "KernelDied", why, nb) from None
+            raise failed(StageFailed, running["count"] or None, "KernelDied", why, running["index"]) from None
         raise StageFailed(stage.name, None, type(e).__name__, str(e).splitlines()[0] if str(e) else repr(e), nb) from None
     finally:
         for t in timers: t.cancel()
     if timed_out.is_set():  # every cell ran, but only because one caught the interrupt: not a finished stage
-        raise StageTimeout(stage.name, running["count"], "Timeout", f"{too_long}, but went on to its end (a cell caught the interrupt); "
-                           "a stage past its timeout is not done", nb)
+        raise failed(StageTimeout, running["count"], "Timeout", f"{too_long}, but went on to its end (a cell caught the interrupt); "
+                     "a stage past its timeout is not done", running["index"])
 
 
 # %% ../nbs/05_pipeline.ipynb #0027
@@ -548,6 +898,7 @@ class _Run:
         if opts.start: pipeline.stage(opts.start)
         self.run_id = prev["run_id"] if prev else new_run_id()
         self.dir = runs_dir(cfg) / self.run_id
+        self.shown = executed_dir(cfg) / self.run_id  # where its executed notebooks open (checked before anything is written)
         (self.dir / "notebooks").mkdir(parents=True, exist_ok=True)
         self.selected = ([opts.only] if opts.only else pipeline.downstream(opts.start) if opts.start else pipeline.names)
         stages = (prev or {}).get("stages", {})
@@ -568,7 +919,7 @@ class _Run:
                         options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force,
                                  "jobs": opts.jobs, "timeout": opts.timeout},
                         params=self.params, git=_git(cfg.root), env_digest=env_digest(cfg.kernel), resumed=bool(prev),
-                        attempt=self.attempt, attempts=attempts)
+                        attempt=self.attempt, attempts=attempts, visible_notebooks=str(self.shown.relative_to(cfg.root.resolve())))
         def fresh(n):
             old = {k: v for k, v in stages.get(n, {}).items() if k not in ("notes", "error", "cell")}
             return {**old, "status": "pending", "attempt": old.get("attempt", 0), "params": self.params[n]}
@@ -710,6 +1061,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
     from mlnb.tracking import check_tracking, spawn_sync
     from mlnb import audit
     opts = opts or RunOptions()
+    executed_dir(cfg)  # a bad setting is refused before anything starts
     check_tracking(cfg.tracking_uri)
     pipeline = discover(cfg.pipeline_dir)
     cleaned = clean_leftovers(cfg, max(opts.timeout or 0, cfg.stage_timeout) + KILL_GRACE)  # before this run's own record names its pid
@@ -718,8 +1070,8 @@ def run_pipeline(cfg: Config,                       # the project's settings
     if cleaned: run.rec["cleaned"] = [str(p) for p in cleaned]
     jobs, timeout = opts.jobs or cfg.jobs, opts.timeout or cfg.stage_timeout
     env = env_digest(cfg.kernel)
-    kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-    pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, budget=len(run.selected))
+    kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # the run's: every stage's kernel gets the same
+    pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, {n: s.imports for n, s in pipeline.stages.items() if n in run.selected})
     digests, entries, failed = {}, {}, []
     seen, refusals = {}, {}  # file digests and verdicts on cache entries, computed once per run
     trusted = trusted_types(cfg)
@@ -761,7 +1113,11 @@ def run_pipeline(cfg: Config,                       # the project's settings
                "upstream": {u: str(entries[u]) for u in stage.upstream}, "tracking_uri": cfg.tracking_uri,
                "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False, "trusted_types": trusted}
         if stop.is_set(): raise KeyboardInterrupt
-        km = pool.take()
+        try: km = pool.take(n)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if stop.is_set(): raise KeyboardInterrupt from None  # the pool closed under it: the run is stopping
+            raise
         nb.unlink(missing_ok=True)  # it may be a hard link into a cache entry (reused in an earlier attempt): never write through it
         started = time.time()
         run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb),
@@ -784,6 +1140,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
             _link_or_copy(entry / "notebook.ipynb", run.dir / "notebooks" / f"{n}.ipynb")
         if status != "stale": _point_latest(cfg, n, entry, run.run_id)
         run.set(n, status=status, key=key, entry=str(entry), products=man["products"], error=None, in_attempt=run.attempt,
+                visible_notebook=_show_notebook(cfg, run.dir, run.shown, n),
                 duration=(time.time() - started) if started else man["duration"],
                 **({"started": time.time(), "source_run": man["run_id"]} if status != "done" else {"source_run": None}))
         audit.record(cfg, "stage.finished", {"run": run.run_id, "stage": n}, {"status": status, "key": key, "source_run": man["run_id"],
@@ -793,11 +1150,12 @@ def run_pipeline(cfg: Config,                       # the project's settings
     queued: list = []
     try:
         todo = [n for n in pipeline.names if n in run.selected or n in {a for s in run.selected for a in pipeline.ancestors(s)}]
-        while todo or running:
+        run.on_event({"run_id": run.run_id, "status": "started", "stages": list(todo), "visible_notebooks": run.rec["visible_notebooks"]})
+        while todo or running or queued:  # a stage queued behind a full pool (jobs) still runs
             progressed = False
             for n in list(todo):
                 if any(run.rec["stages"][u]["status"] in ("failed", "skipped") for u in pipeline.stages[n].upstream):
-                    todo.remove(n); run.set(n, status="skipped", error="an upstream stage failed"); progressed = True; continue
+                    todo.remove(n); pool.forget(n); run.set(n, status="skipped", error="an upstream stage failed"); progressed = True; continue
                 if not ready(n): continue
                 todo.remove(n); progressed = True
                 stage = pipeline.stages[n]
@@ -809,7 +1167,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 elif (stale := _stale_entry(cfg, n)) is not None: reuse = (stale, "stale")  # else its latest products
                 else: raise NotFound(f"stage '{n}' has no products to reuse; run it first (`mlnb run --only {n}` or a full `mlnb run`)")
                 if reuse and not refused(n, key, reuse[0]):
-                    if n in run.selected: pool.reduce_budget()
+                    pool.forget(n)
                     complete(n, key, *reuse); continue
                 if not warmed:  # something will execute: import papermill while the first kernel starts
                     warmed = True; threading.Thread(target=_import_papermill, daemon=True).start()
@@ -830,8 +1188,10 @@ def run_pipeline(cfg: Config,                       # the project's settings
                     complete(n, key, entry, "done", started)
                 except StageFailed as e:
                     failed.append(e)
-                    run.set(n, status="failed", error=str(e), cell=e.cell, duration=time.time() - run.rec["stages"][n].get("started", time.time()))
-                    audit.record(cfg, "stage.finished", {"run": run.run_id, "stage": n}, {"status": "failed", "key": key, "error": str(e), "notebook": e.notebook})
+                    e.shown = _show_notebook(cfg, run.dir, run.shown, n)  # the path the failure line names: one JupyterLab opens
+                    run.set(n, status="failed", error=failure_text(e), cell=e.cell, visible_notebook=e.shown,
+                            duration=time.time() - run.rec["stages"][n].get("started", time.time()))
+                    audit.record(cfg, "stage.finished", {"run": run.run_id, "stage": n}, {"status": "failed", "key": key, "error": failure_text(e), "notebook": e.notebook})
         status = "failed" if failed else "done"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -850,6 +1210,8 @@ def run_pipeline(cfg: Config,                       # the project's settings
         try:
             for n, s in run.rec["stages"].items():
                 if s["status"] in ("pending", "queued"): s["status"] = "not run"
+                elif s["status"] in ("done", "cached", "stale", "failed", "interrupted"):  # interrupted ones too; links a user deleted come back
+                    s["visible_notebook"] = _show_notebook(cfg, run.dir, run.shown, n) or s.get("visible_notebook")
             sources = [n for n in pipeline.names if not pipeline.stages[n].upstream and n in digests]
             run.rec.update(status=status, ended=time.time(), duration=time.time() - run.rec["started"],
                            data_digest=hashlib.sha256("".join(digests[n] for n in sources).encode()).hexdigest() if sources else None)
@@ -862,10 +1224,11 @@ def run_pipeline(cfg: Config,                       # the project's settings
         finally: undo_ctrl_c()
     executed = any(s["status"] in ("done", "failed") and s.get("in_attempt") == run.attempt for s in run.rec["stages"].values())
     if follower is not None and (sync_tracking or executed):
+        run.on_event({"run_id": run.run_id, "status": "tracking"})  # the stages are over; the wait that follows can take seconds
         try: code = follower.wait(timeout=300)
         except subprocess.TimeoutExpired: code = None
+        finally: run.on_event({"run_id": run.run_id, "status": "tracked"})
         run.rec["tracking"] = "synced" if code == 0 else f"not synced: see {run.dir / 'tracking.log'}; retry with `mlnb sync {run.run_id}`"
     else: run.rec["tracking"] = "syncing in the background" if follower else "off"
     if failed: raise failed[0]
     return run.rec
-

@@ -277,12 +277,12 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
         rel_data = f"data/{data.name}"
     for fname, text in stage_notebooks(task, rel_data).items(): (pipe / fname).write_text(text)
     (pipe / "_model_card.ipynb").write_text(card_notebook(name, task, what))
-    save_contract(infer_contract(df.drop(columns=list(id_columns))), pipe / "contract.yaml")
+    save_contract(infer_contract(df, ignore=tuple(id_columns)), pipe / "contract.yaml")  # observed ranges; ids named as ignored
     (folder / "settings.ini").write_text(_settings_ini(name, task, target, id_columns, sensitive, positive, gates))
     (folder / "pyproject.toml").write_text(f'[build-system]\nrequires = ["setuptools>=70"]\nbuild-backend = "setuptools.build_meta"\n\n'
                                            f'[project]\nname = "{name}"\nversion = "0.1.0"\nrequires-python = ">=3.11"\ndependencies = ["mlnb=={__version__}"]\n\n'
                                            '[tool.setuptools]\npackages = []\n')
-    (folder / ".gitignore").write_text(".mlnb/\n.ipynb_checkpoints/\n__pycache__/\nmlnb-artifacts/\n*.egg-info/\nbuild/\n")
+    (folder / ".gitignore").write_text(".mlnb/\n/runs/\n.ipynb_checkpoints/\n__pycache__/\nmlnb-artifacts/\n*.egg-info/\nbuild/\n")
     (folder / "README.md").write_text(_readme(name, task, what, rel_data))
     (folder / ".github" / "workflows").mkdir(parents=True, exist_ok=True)
     (folder / ".github" / "workflows" / "mlnb.yml").write_text(WORKFLOW)

@@ -124,6 +124,27 @@ def _digest(model) -> str:
         fname, _, _ = stage._write(model, Path(d) / "model")
         return stage.skops_digest(Path(d) / fname)
 
+def _stage_params(ctx: dict) -> dict:
+    "`{stage: {parameter: value}}` of the pipeline run this stage belongs to (empty when run by hand)."
+    rec = Path(ctx["run_dir"]) / "run.json" if ctx.get("run_dir") else None
+    try: stages = json.loads(rec.read_text())["stages"] if rec else {}
+    except (OSError, ValueError, KeyError): return {}
+    return {n: s["params"] for n, s in stages.items() if s.get("params")}
+
+def _printed(model) -> str:
+    "The model's steps with the hyperparameters that differ from scikit-learn's defaults, column lists counted, on one line."
+    import sklearn
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+    def one(est):
+        if isinstance(est, Pipeline): return " → ".join(f"{n}: {one(e)}" for n, e in est.steps)
+        if isinstance(est, ColumnTransformer):
+            parts = [f"{n}: {t if isinstance(t, str) else one(t)} on {len(c) if hasattr(c, '__len__') and not isinstance(c, str) else c} column(s)"
+                     for n, t, c in est.transformers if not (hasattr(c, "__len__") and len(c) == 0)]
+            return "ColumnTransformer(" + "; ".join(parts) + ")"
+        with sklearn.config_context(print_changed_only=True): return " ".join(repr(est).split())
+    return one(model)
+
 def register(model,                 # the fitted model: a scikit-learn estimator or Pipeline, raw features in
              train, holdout,         # the training data and the holdout, as tables with the target
              gates: dict | None = None, # the gate report of an earlier stage (`steps.gate`); default: run the gates here
@@ -170,7 +191,8 @@ def register(model,                 # the fitted model: a scikit-learn estimator
     except NotFound: data_digest = None
     plots = evaluation_plots(t, model, holdout)
     card = model_card(cfg, version["version"], metrics, decision, train, holdout, t,
-                      run={"run_id": ctx.get("run_id"), "git": ctx.get("git"), "data_digest": data_digest}, plots=list(plots))
+                      run={"run_id": ctx.get("run_id"), "git": ctx.get("git"), "data_digest": data_digest}, plots=list(plots),
+                      params=_stage_params(ctx), estimator=_printed(model))
     tracking.log_version_artifacts(cfg, version["version"], {"model_card.md": card, **{f"plots/{n}": png for n, png in plots.items()},
                                                              "model_card.html": card_html(card, f"{cfg.model_name} v{version['version']}", plots)})
     stage.save("model_card", card)

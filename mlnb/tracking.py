@@ -77,6 +77,10 @@ def watch_store(uri: str):
 
 def _mlflow(cfg: Config):
     "Import mlflow, point it at the project's store, and translate its start-up failures."
+    return _mlflow_at(cfg.tracking_uri)
+
+def _mlflow_at(uri: str):
+    "Import mlflow (quietly) and point it at the store `uri`."
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -85,8 +89,8 @@ def _mlflow(cfg: Config):
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
-    mlflow.set_tracking_uri(cfg.tracking_uri); mlflow.set_registry_uri(cfg.tracking_uri)
-    watch_store(cfg.tracking_uri)
+    mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    watch_store(uri)
     return mlflow
 
 def _experiment_id(client, cfg: Config) -> str:
@@ -109,6 +113,139 @@ def _client(cfg: Config):
         with store_lock(cfg): yield mlflow.tracking.MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
     except MlflowException as e:
         raise TrackingError(f"MLflow at {cfg.tracking_uri} refused a request: {str(e).splitlines()[0]}") from e
+
+# %% ../nbs/04_tracking.ipynb #reg00002
+_REGISTRY_TABLES = {  # what mlnb reads and writes of MLflow's registry schema (MLflow 3)
+    "registered_models": {"name", "workspace"},
+    "model_versions": {"name", "version", "workspace", "creation_time", "last_updated_time", "description", "run_id",
+                       "source", "storage_location", "current_stage"},
+    "registered_model_tags": {"key", "value", "name", "workspace"},
+    "model_version_tags": {"key", "value", "name", "version", "workspace"},
+    "registered_model_aliases": {"alias", "version", "name", "workspace"},
+    "runs": {"run_uuid", "artifact_uri"}}
+_SCHEMA_KNOWN: dict = {}
+
+def _sqlite_store(uri: str) -> str | None:
+    "The file of a `sqlite:///` store whose registry tables mlnb can use directly, or None (then MLflow's client is used)."
+    if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"): return None
+    path = uri[len("sqlite:///"):]
+    try: st = os.stat(path)
+    except OSError: return None  # not created yet: MLflow creates it, with its schema
+    key = (path, st.st_dev, st.st_ino)
+    if key not in _SCHEMA_KNOWN:
+        import sqlite3
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+                _SCHEMA_KNOWN[key] = all(cols <= {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t, cols in _REGISTRY_TABLES.items())
+        except sqlite3.Error: return None
+    return path if _SCHEMA_KNOWN[key] else None
+
+def _local(uri: str | None) -> Path | None:
+    "The local folder of a `file:` artifact URI, or None for any other scheme."
+    from urllib.parse import urlparse, unquote
+    u = urlparse(uri or "")
+    return Path(unquote(u.path)) if u.scheme == "file" and not u.netloc else None
+
+class _SqlRegistry:
+    "MLflow's registry in a SQLite file, read and written with `sqlite3` (the rows MLflow's SqlAlchemyStore reads and writes)."
+    W = "workspace = 'default' AND name = ?"
+    def __init__(self, path: str):
+        import sqlite3
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    def close(self): self.db.close()
+    def model(self, name: str) -> dict | None:
+        if not self.db.execute(f"SELECT 1 FROM registered_models WHERE {self.W}", (name,)).fetchone(): return None
+        return {"name": name, "tags": dict(self.db.execute(f"SELECT key, value FROM registered_model_tags WHERE {self.W}", (name,))),
+                "aliases": {a: int(v) for a, v in self.db.execute(f"SELECT alias, version FROM registered_model_aliases WHERE {self.W}", (name,))}}
+    def versions(self, name: str, version=None) -> list:
+        q, args = (" AND version = ?", (name, int(version))) if version is not None else ("", (name,))
+        tags = {}
+        for v, k, val in self.db.execute(f"SELECT version, key, value FROM model_version_tags WHERE {self.W}{q}", args): tags.setdefault(v, {})[k] = val
+        rows = self.db.execute(f"SELECT version, creation_time, run_id, source, storage_location, description FROM model_versions "
+                               f"WHERE {self.W}{q} AND (current_stage IS NULL OR current_stage != 'Deleted_Internal')", args)
+        return [{"version": int(v), "created": (ct or 0) / 1000, "run_id": run, "source": src, "location": loc,
+                 "description": desc, "tags": tags.get(v, {})} for v, ct, run, src, loc, desc in rows]
+    def move_alias(self, name: str, alias: str, version: int, key: str, value: str):
+        "Point `alias` at `version` and set the model tag `key` in one transaction."
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("INSERT INTO registered_model_aliases (alias, version, name, workspace) VALUES (?, ?, ?, 'default') "
+                            "ON CONFLICT (workspace, name, alias) DO UPDATE SET version = excluded.version", (alias, int(version), name))
+            self.db.execute("INSERT INTO registered_model_tags (key, value, name, workspace) VALUES (?, ?, ?, 'default') "
+                            "ON CONFLICT (workspace, key, name) DO UPDATE SET value = excluded.value", (key, value, name))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK"); raise
+    def set_version_tags(self, name: str, version, tags: dict):
+        self.db.executemany("INSERT INTO model_version_tags (key, value, name, version, workspace) VALUES (?, ?, ?, ?, 'default') "
+                            "ON CONFLICT (workspace, key, name, version) DO UPDATE SET value = excluded.value",
+                            [(k, str(v), name, int(version)) for k, v in tags.items()])
+    def describe(self, name: str, version, text: str):
+        self.db.execute(f"UPDATE model_versions SET description = ?, last_updated_time = ? WHERE {self.W} AND version = ?",
+                        (text, int(time.time() * 1000), name, int(version)))
+    def model_dir(self, name: str, version) -> Path | None:
+        vs = self.versions(name, version)
+        return _local(vs[0]["location"]) if vs else None
+    def artifact_dir(self, run_id: str) -> Path | None:
+        row = self.db.execute("SELECT artifact_uri FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+        return _local(row[0]) if row else None
+
+class _ClientRegistry:
+    "The same operations through `MlflowClient`: a tracking server, or a store whose schema mlnb does not know."
+    def __init__(self, client): self.client = client
+    def close(self): pass
+    def model(self, name: str) -> dict | None:
+        from mlflow.exceptions import MlflowException
+        try: rm = self.client.get_registered_model(name)
+        except MlflowException: return None
+        return {"name": name, "tags": dict(rm.tags), "aliases": {a: int(v) for a, v in rm.aliases.items()}}
+    def versions(self, name: str, version=None) -> list:
+        from mlflow.exceptions import MlflowException
+        try: mvs = [self.client.get_model_version(name, str(int(version)))] if version is not None else self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException: return []
+        return [{"version": int(mv.version), "created": mv.creation_timestamp / 1000, "run_id": mv.run_id, "source": mv.source,
+                 "location": None, "description": mv.description, "tags": dict(mv.tags)} for mv in mvs]
+    def move_alias(self, name: str, alias: str, version: int, key: str, value: str):
+        self.client.set_registered_model_alias(name, alias, str(version)); self.client.set_registered_model_tag(name, key, value)
+    def set_version_tags(self, name: str, version, tags: dict):
+        for k, v in tags.items(): self.client.set_model_version_tag(name, str(version), k, str(v))
+    def describe(self, name: str, version, text: str): self.client.update_model_version(name, str(version), description=text)
+    def model_dir(self, name: str, version) -> Path | None: return None
+    def artifact_dir(self, run_id: str) -> Path | None: return None
+
+@contextlib.contextmanager
+def _registry(uri: str, cfg: Config | None = None, lock: bool = False):
+    "The registry at `uri` (SQLite read directly, else MLflow's client); under the project's store lock when `lock`; errors are ours."
+    import sqlite3
+    path = _sqlite_store(uri)
+    if path is None:
+        if cfg is not None:
+            with _client(cfg) as client: yield _ClientRegistry(client)
+            return
+        mlflow = _mlflow_at(uri)
+        from mlflow.exceptions import MlflowException
+        try: yield _ClientRegistry(mlflow.tracking.MlflowClient(uri, uri))
+        except MlflowException as e: raise TrackingError(f"MLflow at {uri} refused a request: {str(e).splitlines()[0]}") from e
+        return
+    reg = _SqlRegistry(path)
+    try:
+        with (store_lock(cfg) if lock and cfg is not None else contextlib.nullcontext()): yield reg
+    except sqlite3.Error as e: raise TrackingError(f"the MLflow store {path} refused a request: {e}") from e
+    finally: reg.close()
+
+def _model_of(reg, name: str) -> dict:
+    m = reg.model(name)
+    if m is None: raise NotFound(f"no registered model '{name}'; run the pipeline to register one (model_name in settings.ini)")
+    return m
+
+def _version_of(reg, name: str, version) -> dict:
+    "The version `version` of model `name`, or `NotFound` listing the versions there are."
+    try: found = reg.versions(name, int(version))
+    except (TypeError, ValueError): found = []
+    if not found:
+        known = sorted(v["version"] for v in reg.versions(name))
+        raise NotFound(f"model '{name}' has no version {version!r}; versions: {', '.join(map(str, known)) or 'none'}")
+    return found[0]
 
 # %% ../nbs/04_tracking.ipynb #0010
 def _stage_tags(rec: dict, name: str, st: dict, parent: str) -> dict:
@@ -266,14 +403,15 @@ def load_verified(path: Path | str,          # a model folder (holding `model.sk
                   what: str = "the model",   # how errors name the model
                  ):
     "Load a scikit-learn model from its skops file, only if its digest matches `expected`; never a pickle."
-    import zipfile
+    import io, zipfile
     path = Path(path)
     f = path / MODEL_FILE if path.is_dir() else path
     if f.name != MODEL_FILE or not f.is_file():
         raise ModelRefused(f"{what}: no {MODEL_FILE} in {path.name or path}; mlnb loads models only from skops files, never from a pickle")
     if not expected:
         raise ModelRefused(f"{what} has no digest recorded at registration (mlnb.model_sha256); register it again through the pipeline")
-    try: found = skops_digest(f)
+    data = f.read_bytes()  # read once: the bytes checked are the bytes loaded, whatever happens to the file meanwhile
+    try: found = skops_digest(io.BytesIO(data))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
         raise ModelRefused(f"{what}: {MODEL_FILE} is not a readable skops file ({type(e).__name__}); it was changed after registration") from None
     if found != expected:
@@ -281,29 +419,32 @@ def load_verified(path: Path | str,          # a model folder (holding `model.sk
                            "the file was changed after registration, so it was not loaded")
     import skops.io as sio
     from skops.io.exceptions import UntrustedTypesFoundException
-    try: return sio.load(f, trusted=trusted_types() if trusted is None else list(trusted))  # skops refuses any type not listed
+    try: return sio.loads(data, trusted=trusted_types() if trusted is None else list(trusted))  # skops refuses any type not listed
     except UntrustedTypesFoundException:
-        check_trusted(sio.get_untrusted_types(file=f), trusted_types() if trusted is None else list(trusted), what); raise
+        check_trusted(sio.get_untrusted_types(data=data), trusted_types() if trusted is None else list(trusted), what); raise
 
-def _download_model(name: str, version) -> Path:
-    import mlflow, tempfile
+def _download_model(tracking_uri: str, name: str, version) -> Path:
+    import tempfile
+    mlflow = _mlflow_at(tracking_uri)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="mlnb-model-")))
 
 def load_version(tracking_uri: str, name: str, version, trusted: list | None = None):
     "The model of one registered version, read from the store at `tracking_uri` and checked against its registered digest."
-    import mlflow, shutil
-    mlflow.set_tracking_uri(tracking_uri); mlflow.set_registry_uri(tracking_uri)
-    watch_store(tracking_uri)
-    mv = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_model_version(name, str(version))
-    local = _download_model(name, version)
-    try: return load_verified(local, mv.tags.get("mlnb.model_sha256"), trusted, what=f"model '{name}' version {version}")
+    import shutil
+    with _registry(tracking_uri) as reg:
+        expected, folder = _version_of(reg, name, version)["tags"].get("mlnb.model_sha256"), reg.model_dir(name, version)
+    what = f"model '{name}' version {version}"
+    if folder is not None: return load_verified(folder, expected, trusted, what)  # a local store: read in place, once
+    local = _download_model(tracking_uri, name, version)
+    try: return load_verified(local, expected, trusted, what)
     finally: shutil.rmtree(local, ignore_errors=True)
 
 def version_registered(cfg: Config, model_version: dict) -> bool:
     "Whether the registry still has this version (`{name, version}` as `register_model` returned it), with the same model digest."
     try:
-        with _client(cfg) as client: return _same_version(client, model_version)
-    except (TrackingError, KeyError): return False
+        with _registry(cfg.tracking_uri, cfg) as reg: found = reg.versions(model_version["name"], int(model_version["version"]))
+    except (TrackingError, KeyError, TypeError, ValueError): return False
+    return bool(found) and (not model_version.get("model_sha256") or found[0]["tags"].get("mlnb.model_sha256") == model_version["model_sha256"])
 
 
 # %% ../nbs/04_tracking.ipynb #0015
@@ -386,51 +527,35 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
 # %% ../nbs/04_tracking.ipynb #0017
 HISTORY = "mlnb.alias_history."
 
-def _registered(client, name: str):
-    from mlflow.exceptions import MlflowException
-    try: return client.get_registered_model(name)
-    except MlflowException:
-        raise NotFound(f"no registered model '{name}'; run the pipeline to register one (model_name in settings.ini)") from None
-
-def _check_version(client, name: str, version) -> str:
-    from mlflow.exceptions import MlflowException
-    try: return int(client.get_model_version(name, str(int(version))).version)
-    except (MlflowException, ValueError):
-        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-        raise NotFound(f"model '{name}' has no version {version!r}; versions: {', '.join(map(str, known)) or 'none'}") from None
-
 def alias_history(cfg: Config, name: str | None = None) -> list:
     "Every alias move of the model, oldest first."
     name = name or cfg.model_name
-    with _client(cfg) as client:
-        rm = _registered(client, name)
-        return [json.loads(v) for k, v in sorted(rm.tags.items()) if k.startswith(HISTORY)]
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        return [json.loads(v) for k, v in sorted(_model_of(reg, name)["tags"].items()) if k.startswith(HISTORY)]
 
 def set_alias(cfg: Config, alias: str, version, reason: str, kind: str = "set", name: str | None = None) -> dict:
     "Point `alias` at `version` and record the move; returns the recorded event."
     name = name or cfg.model_name
-    with _client(cfg) as client:
-        rm = _registered(client, name)
-        version = _check_version(client, name, version)
-        seq = 1 + max([int(k[len(HISTORY):]) for k in rm.tags if k.startswith(HISTORY)], default=0)
-        prev = rm.aliases.get(alias)
+    with _registry(cfg.tracking_uri, cfg, lock=True) as reg:
+        rm = _model_of(reg, name)
+        version = _version_of(reg, name, version)["version"]
+        seq = 1 + max([int(k[len(HISTORY):]) for k in rm["tags"] if k.startswith(HISTORY)], default=0)
+        prev = rm["aliases"].get(alias)
         event = {"seq": seq, "alias": alias, "from": int(prev) if prev is not None else None, "to": version, "kind": kind,
                  "who": actor(), "when": time.time(), "why": reason}
         if prev is not None and int(prev) == version:  # nothing moves: not a promotion, not a deployment, not in the history
             return {**event, "seq": None, "kind": "unchanged"}
-        client.set_registered_model_alias(name, alias, str(version))
-        client.set_registered_model_tag(name, f"{HISTORY}{seq:06d}", json.dumps(event))
-        for v in {version, event["from"]} - {None}: _describe_version(client, name, v)
+        reg.move_alias(name, alias, version, f"{HISTORY}{seq:06d}", json.dumps(event))  # one transaction on SQLite
+        for v in {version, event["from"]} - {None}: _describe_version(reg, name, v)
         kind = {"promote": "model.promoted", "rollback": "model.rolled_back"}.get(kind, "model.alias_set")
         audit_record(cfg, kind, {"model": name, "version": version, "alias": alias},
                      {"from": event["from"], "to": version, "why": reason, "history_seq": seq})
     return event
 
-def _describe_version(client, name: str, version) -> str:
+def _describe_version(reg, name: str, version) -> str:
     "Write a version's description as a person reads it in the MLflow UI: where it came from, its gates, its alias moves with dates."
     from mlnb.audit import _when
-    mv, rm = client.get_model_version(name, str(version)), client.get_registered_model(name)
-    t = mv.tags
+    t, rm = _version_of(reg, name, version)["tags"], _model_of(reg, name)
     git = (t.get("mlnb.git.commit") or "")[:10] or "unknown commit"
     lines = [f"Version {version} of {name}: trained by pipeline run {t.get('mlnb.run_id', '?')} from git {git}"
              + (" with uncommitted changes" if t.get("mlnb.git.dirty") == "true" else "") + "."]
@@ -441,19 +566,19 @@ def _describe_version(client, name: str, version) -> str:
         lines += ["", f"Gates ({'all passed' if t.get('mlnb.gates.passed') == 'true' else 'failed'}):", "", "| gate | value | limit | |", "|---|---|---|---|"]
         lines += [f"| {g.get('gate')} | {g.get('value') if not isinstance(g.get('value'), float) else format(g['value'], '.4g')} | {g.get('limit')} | "
                   f"{'pass' if g.get('passed') else 'FAIL: ' + str(g.get('reason', ''))} |" for g in gates]
-    moves = [json.loads(v) for k, v in sorted(rm.tags.items()) if k.startswith(HISTORY)]
+    moves = [json.loads(v) for k, v in sorted(rm["tags"].items()) if k.startswith(HISTORY)]
     moves = [e for e in moves if int(version) in (e.get("to"), e.get("from"))]
     if moves:
         lines += ["", "Alias history:"]
         lines += [f"- {_when(e['when'])}: {e['alias']} {'to' if e['to'] == int(version) else 'moved away, to v' + str(e['to'])}"
                   f" ({e['kind']} by {e['who']}: {e['why']})" for e in moves]
     text = "\n".join(lines)
-    client.update_model_version(name, str(version), description=text[:5000])
+    reg.describe(name, version, text[:5000])
     return text
 
 def describe_version(cfg: Config, version, name: str | None = None) -> str:
     "Rewrite a version's MLflow description from its tags, gates and alias moves (after its gates are recorded or an alias moves)."
-    with _client(cfg) as client: return _describe_version(client, name or cfg.model_name, version)
+    with _registry(cfg.tracking_uri, cfg, lock=True) as reg: return _describe_version(reg, name or cfg.model_name, version)
 
 def _champion_line(history: list) -> list:
     "Champion versions in promotion order, without those rolled back."
@@ -469,43 +594,44 @@ def rollback(cfg: Config, reason: str, name: str | None = None) -> dict:
     "Move `champion` back to the champion before it."
     line = _champion_line(alias_history(cfg, name))
     if len(line) < 2:
-        raise NotFound(f"no earlier champion to roll back to (champion history: {', '.join(line) or 'empty'})")
+        raise NotFound(f"no earlier champion to roll back to (champion history: {', '.join(f'v{v}' for v in line) or 'empty'})")
     return set_alias(cfg, "champion", line[-2], reason, kind="rollback", name=name)
 
 def list_versions(cfg: Config, name: str | None = None) -> list:
     "Versions of the model, newest first, with aliases and mlnb tags."
     name = name or cfg.model_name
-    with _client(cfg) as client:
-        rm = _registered(client, name)
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        rm = _model_of(reg, name)
         by_version = {}
-        for a, v in rm.aliases.items(): by_version.setdefault(str(v), []).append(a)
-        out = []
-        for mv in client.search_model_versions(f"name = '{name}'"):
-            out.append({"version": int(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
-                        "created": mv.creation_timestamp / 1000, "run_id": mv.run_id, "tags": dict(mv.tags)})
+        for a, v in rm["aliases"].items(): by_version.setdefault(int(v), []).append(a)
+        out = [{"version": v["version"], "aliases": sorted(by_version.get(v["version"], [])), "created": v["created"],
+                "run_id": v["run_id"], "tags": v["tags"]} for v in reg.versions(name)]
     return sorted(out, key=lambda v: v["version"], reverse=True)
 
 def load_model(cfg: Config, ref: str, name: str | None = None):
     "The scikit-learn model of a version or alias (`3`, `champion`), or None if the alias is not set; checked against its registered digest."
     name = name or cfg.model_name
-    _mlflow(cfg)
-    with _client(cfg) as client:
-        rm = _registered(client, name)
-        if not str(ref).isdigit() and ref not in rm.aliases: return None
-        version = _check_version(client, name, ref) if str(ref).isdigit() else int(rm.aliases[ref])
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        rm = _model_of(reg, name)
+        if not str(ref).isdigit() and ref not in rm["aliases"]: return None
+        version = _version_of(reg, name, ref)["version"] if str(ref).isdigit() else int(rm["aliases"][ref])
     try: return load_version(cfg.tracking_uri, name, version, trusted_types(cfg))
     except ModelRefused as e:
         audit_record(cfg, "model.refused", {"model": name, "version": version}, {"why": str(e), "ref": str(ref)})
         raise
 
 def version_artifact_path(cfg: Config, version, path: str, name: str | None = None) -> Path | None:
-    "A local copy of an artifact logged beside a version's model (e.g. `reference.parquet`), or None."
+    "A local file of an artifact logged beside a version's model (e.g. `reference.parquet`), or None; read it, do not change it."
     name = name or cfg.model_name
-    _mlflow(cfg)
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        run_id = _version_of(reg, name, version)["run_id"]
+        folder = reg.artifact_dir(run_id)
+    if folder is not None:  # a local artifact store: the file itself, no copy and no mlflow import
+        f = (folder / path).resolve()
+        return f if f.is_file() and f.is_relative_to(folder.resolve()) else None
+    import tempfile
     with _client(cfg) as client:
-        mv = client.get_model_version(name, str(version))
-        import tempfile
-        try: return Path(client.download_artifacts(mv.run_id, path, tempfile.mkdtemp()))
+        try: return Path(client.download_artifacts(run_id, path, tempfile.mkdtemp()))
         except Exception: return None  # MLflow raises several kinds for a missing artifact
 
 def version_holdout(cfg: Config, version, name: str | None = None):
@@ -547,31 +673,25 @@ def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: 
 # %% ../nbs/04_tracking.ipynb #0019
 def read_aliases(tracking_uri: str, name: str) -> dict:
     "`{alias: version}` of a registered model, read straight from the store."
-    import logging
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    import mlflow
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    from mlflow.exceptions import MlflowException
-    watch_store(tracking_uri)
-    try: rm = mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_registered_model(name)
-    except MlflowException as e:
-        raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: {str(e).splitlines()[0]} "
-                            "(a model is registered by the pipeline's register stage: `mlnb run`)") from e
-    return {a: int(v) for a, v in rm.aliases.items()}
+    with _registry(tracking_uri) as reg: rm = reg.model(name)
+    if rm is None:
+        raise TrackingError(f"cannot read model '{name}' at {tracking_uri}: no such registered model "
+                            "(a model is registered by the pipeline's register stage: `mlnb run`)")
+    return rm["aliases"]
 
 def version_tags(tracking_uri: str, name: str, version) -> dict:
     "The tags of one version, read straight from the store (the service uses this for `/metadata`)."
-    import mlflow
-    return dict(mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).get_model_version(name, str(version)).tags)
+    with _registry(tracking_uri) as reg: return _version_of(reg, name, version)["tags"]
 
 def model_version_info(cfg: Config, ref: str, name: str | None = None) -> dict:
     "Version number, run ids, tags and creation time of a version or alias."
     name = name or cfg.model_name
-    with _client(cfg) as client:
-        rm = _registered(client, name)
-        if str(ref).isdigit(): v = _check_version(client, name, ref)
-        elif ref in rm.aliases: v = int(rm.aliases[ref])
-        else: raise NotFound(f"model '{name}' has no alias '{ref}'; aliases: {', '.join(rm.aliases) or 'none'} (promote a version first)")
-        mv = client.get_model_version(name, str(v))
-    return {"name": name, "version": v, "run_id": mv.run_id, "tags": dict(mv.tags), "created": mv.creation_timestamp / 1000,
-            "model_uri": f"models:/{name}/{v}"}
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        rm = _model_of(reg, name)
+        if str(ref).isdigit(): mv = _version_of(reg, name, ref)
+        elif ref in rm["aliases"]: mv = _version_of(reg, name, rm["aliases"][ref])
+        else: raise NotFound(f"model '{name}' has no alias '{ref}'; aliases: {', '.join(rm['aliases']) or 'none'} (promote a version first)")
+    return {"name": name, "version": mv["version"], "run_id": mv["run_id"], "tags": mv["tags"], "created": mv["created"],
+            "model_uri": f"models:/{name}/{mv['version']}"}
+

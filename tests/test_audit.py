@@ -155,3 +155,21 @@ def test_governance_commands_without_a_model_say_what_to_do(project):
     rep = run_json(project, "report")
     assert rep["metrics"]["deployments"]["count"] == 0 and rep["metrics"]["accuracy"] == []
     assert "accuracy: no model versions yet" in run_mlnb(project, "report", check=0).stdout
+
+
+def test_text_view_shows_failures_at_a_glance(project):
+    add_stage(project, "a", "upstream = []", "from mlnb import stage\nstage.save('x', {'n': 1})")
+    add_stage(project, "boom", "upstream = ['a']", "raise ValueError('no rows for 2024-05-01\\nsecond line')")
+    run_mlnb(project, "run", check=1)
+    out = run_mlnb(project, "audit", check=0).stdout
+    lines = out.splitlines()
+    def line(*parts): return next(x for x in lines if all(p in x for p in parts))
+    failed = line("stage.finished", "stage=boom")
+    assert " FAILED " in failed and failed.endswith("ValueError: no rows for 2024-05-01"), failed  # the error's first line
+    assert " done " in line("stage.finished", "stage=a") and "FAILED" not in line("stage.finished", "stage=a")
+    assert " FAILED " in line("run.finished") and line("run.finished").endswith("stage boom failed")
+    assert "\x1b[" not in out  # plain text when not a terminal
+    colored = run_mlnb(project, "audit", env={"FORCE_COLOR": "1", "TERM": "xterm-256color"}, check=0).stdout.splitlines()
+    red = [x for x in colored if "\x1b[31m" in x]
+    assert len(red) == 2 and all("FAILED" in x for x in red), colored
+    assert run_json(project, "audit", "--kind", "run.finished")[0]["data"]["status"] == "failed"  # --json: the events as they are

@@ -15,7 +15,10 @@ def test_status_show_inspect(chain):
     shown = run_json(chain, "show", first["run_id"])
     assert shown["stages"]["a"]["metrics"] == {"n": 3.0}
     text = run_mlnb(chain, "show", first["run_id"], check=0).stdout
-    assert "metrics   n=3" in text and "notebook  .mlnb/runs/" in text and "product   out (json" in text
+    assert "metrics   n=3" in text and "product   out (json" in text
+    assert f"notebook  runs/{first['run_id']}/a.ipynb" in text  # the path JupyterLab opens, relative to the project
+    big = run_json(chain, "run", "-p", "n=20000")  # a count reads as a count, not 2e+04
+    assert "metrics   n=20000\n" in run_mlnb(chain, "show", check=0).stdout and big["run_id"] in run_mlnb(chain, "show", check=0).stdout
     assert "no run 'nope'" in run_mlnb(chain, "show", "nope", check=1).stderr
 
     info = run_json(chain, "inspect", "b")

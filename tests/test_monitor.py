@@ -61,6 +61,7 @@ def free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+@pytest.mark.timeout(1800)  # three pipeline runs (the first, a retraining the gates refuse, one they pass) on a shared machine
 def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
     d = tmp_path / "proj"; d.mkdir()
     reference_project(d)
@@ -86,6 +87,31 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
         # drifted traffic, then its labels: drift detected (exit 3), an incident opens, and --retrain trains a new champion
         run_mlnb(d, "simulate", "--url", url, "--rows", "3000", "--data", rows(3000, 501, 0.9), "--labels", str(d / "labels.jsonl"), check=0)
         time.sleep(1.5)
+        # a retrained candidate the gates refuse: the verdict, report and incident come first, then retraining's progress,
+        # then one line naming the stage, why and its executed notebook; the drift still exits 3
+        p = subprocess.run([*MLNB, "--project", str(d), "monitor", "--window", "3000", "--labels", str(d / "labels.jsonl"), "--retrain"],
+                           env={**{k: v for k, v in os.environ.items() if k != "MLNB_PROJECT"}, "MLNB_GATE_MIN_ROC_AUC": "0.999"}, cwd=d, timeout=900, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # one stream: the order a person sees
+        assert p.returncode == 3, p.stdout
+        lines = p.stdout.splitlines()
+        assert lines[0].startswith("model fraud-detector v1: DRIFT (") and "incident 1: open" in lines, p.stdout
+        report = next(x for x in lines if x.startswith("report: "))
+        started = next(i for i, x in enumerate(lines) if x.startswith("retraining on ") and "labelled rows (.mlnb/retrain/window-" in x)
+        assert lines.index(report) < lines.index("incident 1: open") < started
+        assert any(" ingest " in x and "✓ ran" in x for x in lines[started:]) and any(" register " in x and "✗ failed" in x for x in lines[started:])
+        failed = lines[-1]
+        assert failed.startswith("retraining failed in stage 'register' (run ") and "GateFailed: " in failed and "roc_auc" in failed, failed
+        notebook = failed.split("; executed notebook: ")[1]
+        assert notebook.endswith("register.ipynb") and (d / notebook).exists(), failed
+        assert Path(report.split(": ", 1)[1]).exists()
+        evs = run_json(d, "audit")
+        seq = {e["kind"]: e["seq"] for e in evs}  # the newest of each kind
+        assert seq["drift.alert"] < seq["incident.opened"] < seq["retrain.started"] < seq["retrain.finished"]
+        fin = [e for e in evs if e["kind"] == "retrain.finished"][-1]
+        assert fin["data"]["status"] == "failed" and fin["refs"]["stage"] == "register" and fin["data"]["notebook"].endswith("register.ipynb")
+        view = run_mlnb(d, "audit", "--kind", "retrain", check=0).stdout.splitlines()
+        assert " FAILED " in view[-1] and "GateFailed: " in view[-1], view
+        # the same with the project's gates: the candidate becomes champion; --json carries what happened to it
         p = run_mlnb(d, "monitor", "--window", "3000", "--labels", str(d / "labels.jsonl"), "--retrain", "--json", timeout=900)
         assert p.returncode == 3, p.stderr
         res = json.loads(p.stdout)
@@ -93,6 +119,8 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
         assert Path(res["paths"]["html"]).exists() and "<svg" in Path(res["paths"]["html"]).read_text()
         assert res["report"]["performance"]["rows"] > 2000 and res["report"]["performance"]["metric"] == "roc_auc"
         assert res["retrain"]["champion"] == 2, res["retrain"]
+        assert res["retrain"]["status"] == "done" and res["retrain"]["model_version"] == 2 and res["retrain"]["action"] == "promoted", res["retrain"]
+        assert f"retrained: run {res['retrain']['run_id']}; model v2: champion" in p.stderr and "retraining on " in p.stderr
         # the running service follows the new champion
         deadline = time.time() + 30
         while time.time() < deadline and httpx.get(url + "/metadata").json()["version"] != 2: time.sleep(0.5)
@@ -130,3 +158,5 @@ def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
 def test_monitor_errors_are_one_line(chain):
     p = run_mlnb(chain, "monitor", check=1)
     assert p.stderr.strip().startswith("mlnb: error: no registered model 'test-model'")
+    p = run_mlnb(chain, "monitor", "--retrain", check=2)  # before any check: retraining needs the labelled window
+    assert "--retrain needs --labels FILE: the new training data is the labelled window" in p.stderr

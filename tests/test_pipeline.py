@@ -85,14 +85,18 @@ def test_failing_stage_then_resume(chain):
     p = run_mlnb(chain, "run", check=1)
     lines = [l for l in p.stderr.splitlines() if l.startswith("mlnb: error")]
     assert len(lines) == 1, p.stderr
-    assert "stage 'b' failed in cell In [4]: ValueError: factor is wrong" in lines[0]
-    nb_path = Path(lines[0].split("executed notebook: ")[1].rstrip(")"))
-    assert nb_path.is_absolute() and nb_path.exists()
-    nb = json.loads(nb_path.read_text())
+    # the cell as its author counts it (the parameters cell is code cell 1; papermill's injected cell is not counted)
+    assert "stage 'b' failed in code cell 3 of b.ipynb, line 1 (the cell starting `raise ValueError('factor is wrong')`): ValueError: factor is wrong" in lines[0]
+    printed = lines[0].split("executed notebook: ")[1].rstrip(")")
+    assert not Path(printed).is_absolute() and printed.startswith("runs/"), "relative to the project, outside the hidden .mlnb"
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    nb = FileContentsManager(root_dir=str(chain)).get(printed, content=True)["content"]  # what JupyterLab opens
     errs = [c for c in nb["cells"] if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-    assert errs and errs[0]["outputs"][-1]["ename"] == "ValueError"
+    assert errs and errs[0]["outputs"][-1]["ename"] == "ValueError" and errs[0]["source"].startswith("raise ValueError")
     assert any("papermill-error-cell-tag" in c["metadata"].get("tags", []) for c in nb["cells"]), "failing cell is marked"
-    rec = json.loads((nb_path.parents[1] / "run.json").read_text())
+    rec = json.loads(next((chain / ".mlnb/runs").glob("*/run.json")).read_text())
+    assert rec["stages"]["b"]["visible_notebook"] == printed and rec["stages"]["b"]["cell"] == 4
+    assert (chain / printed).samefile(rec["stages"]["b"]["notebook"])
     assert statuses(rec) == {"a": "done", "b": "failed", "c": "skipped"}
     assert rec["status"] == "failed"
     # fix the notebook and resume the same run: a is reused, b and c run, the run folder is the same
@@ -128,6 +132,7 @@ def test_ctrl_c_leaves_a_resumable_run(project):
     assert not list((project / ".mlnb/cache/slow").glob("*")) or not any(
         (p / "manifest.json").exists() for p in (project / ".mlnb/cache/slow").iterdir()), "no half product left to reuse"
     assert (project / ".mlnb/runs" / rec["run_id"] / "notebooks/slow.ipynb").exists(), "the interrupted stage's notebook is kept"
+    assert (project / "runs" / rec["run_id"] / "slow.ipynb").samefile(project / ".mlnb/runs" / rec["run_id"] / "notebooks/slow.ipynb")
     add_stage(project, "slow", "upstream = ['a']\nseconds = 0", "import time\ntime.sleep(seconds)", "from mlnb import stage\nstage.save('done', {'ok': True})")
     resumed = run_json(project, "run", "--resume", rec["run_id"])
     assert resumed["run_id"] == rec["run_id"]
@@ -143,6 +148,13 @@ def test_independent_stages_run_in_parallel(project):
     spans = [json.loads((Path(rec["stages"][n]["entry"]) / "span.json").read_text()) for n in ("left", "right")]
     overlap = min(s["end"] for s in spans) - max(s["start"] for s in spans)
     assert overlap > 3.0, f"left and right overlapped only {overlap:.2f}s with --jobs 2"
+
+
+def test_a_stage_queued_behind_the_pool_still_runs(project):
+    "jobs = 1 and two last stages ready at once: the second waits for the first, then runs (it used to be left `not run` in a run called done)."
+    add_stage(project, "root", "upstream = []", "from mlnb import stage\nstage.save('r', {'r': 1})")
+    for name in ("left", "right"): add_stage(project, name, "upstream = ['root']", f"from mlnb import stage\nstage.save('{name}', {{'x': 1}})")
+    assert statuses(run_json(project, "run")) == {"root": "done", "left": "done", "right": "done"}
 
 
 def test_stage_timeout(project):

@@ -53,6 +53,44 @@ def test_auto_promotion_then_rollback_and_manual_promote(project):
     assert "v2" in text and "champion" in text and "by alice: fixed upstream data" in text
 
 
+def test_registry_views_and_moves_read_the_store_without_mlflow_and_agree_with_it(project):
+    """`models`, `promote`, `rollback` read and write MLflow's SQLite tables with sqlite3 (no `import mlflow`): what they
+    see is what MLflow's own client sees, and what they write MLflow resolves."""
+    import subprocess, sys
+    script = ("import sys; from mlnb.cli import main\n"
+              "try: main(sys.argv[1:])\n"
+              "except SystemExit as e: assert not e.code, e.code\n"
+              "assert 'mlflow' not in sys.modules, 'imported mlflow'")
+    env = {**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLNB_ACTOR": "bob"}
+    for args in (["models", "--history"], ["rollback", "-m", "fast path"], ["promote", "2", "-m", "fast path back"], ["card"]):
+        p = subprocess.run([sys.executable, "-c", script, *args], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, (args, p.stderr[-2000:])
+    import mlflow
+    from mlnb.config import load_config
+    from mlnb import tracking
+    cfg = load_config(project)
+    client = mlflow.MlflowClient(cfg.tracking_uri, cfg.tracking_uri)
+    fast, slow = tracking._SqlRegistry(tracking._sqlite_store(cfg.tracking_uri)), tracking._ClientRegistry(client)
+    name = cfg.model_name
+    assert fast.model(name) == slow.model(name) and fast.model(name)["aliases"] == {"champion": 2}
+    plain = lambda vs: sorted(({k: v for k, v in x.items() if k != "location"} for x in vs), key=lambda x: x["version"])
+    assert plain(fast.versions(name)) == plain(slow.versions(name)) and len(fast.versions(name)) == 2
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 2  # MLflow resolves the alias mlnb moved
+    desc = client.get_model_version(name, "1").description  # the description MLflow shows was rewritten with the moves
+    assert "moved away, to v2 (promote by bob: fast path back)" in desc and "(rollback by bob: fast path)" in desc
+    moves = [e for e in tracking.alias_history(cfg) if e["who"] == "bob"]
+    assert [(e["from"], e["to"], e["kind"]) for e in moves] == [(2, 1, "rollback"), (1, 2, "promote")]
+    # a file whose tables mlnb does not know is left to MLflow's client; so is anything that is not SQLite
+    other = project / "other.db"
+    import sqlite3
+    with sqlite3.connect(other) as db: db.execute("CREATE TABLE registered_models (name TEXT)")
+    assert tracking._sqlite_store(f"sqlite:///{other}") is None and tracking._sqlite_store("http://127.0.0.1:5000") is None
+    assert tracking._sqlite_store(cfg.tracking_uri) is not None
+    # an artifact path cannot leave the version's artifact folder
+    assert tracking.version_artifact_path(cfg, 2, "holdout.parquet").is_file()
+    assert tracking.version_artifact_path(cfg, 2, "../../../mlflow.db") is None
+
+
 def test_failed_gates_block_promotion_with_one_reason_each(project):
     before = aliases(project)
     p = run_mlnb(project, "run", *SMALL, "-p", "max_iter=20", env={"MLNB_GATE_MIN_ROC_AUC": "0.999", "MLNB_GATE_MAX_DEMOGRAPHIC_PARITY_DIFFERENCE": "0.0001"}, timeout=600)
@@ -86,7 +124,7 @@ def test_contract_commands(project, tmp_path):
     bad = df.copy(); bad.loc[:9, "channel"] = "fax"; bad.loc[:2, "amount"] = -1.0
     bad.to_csv(tmp_path / "bad.csv", index=False)
     p = run_mlnb(project, "contract", "check", str(tmp_path / "bad.csv"), str(tmp_path / "c.yaml"), check=1)
-    assert "channel: isin(" in p.stdout and "failed for 10 row(s) (e.g. fax" in p.stdout and "amount: greater_than_or_equal_to(0.0) failed for 3 row(s)" in p.stdout
+    assert "channel: isin(" in p.stdout and "failed for 10 row(s) (e.g. fax" in p.stdout and f"amount: greater_than_or_equal_to({df.amount.min()}) failed for 3 row(s)" in p.stdout  # the observed minimum
 
 
 def test_validate_stage_reports_contract_violations(project):

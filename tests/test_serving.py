@@ -1,5 +1,5 @@
 "A real `bentoml serve` of a bento built from the registry, spoken to over HTTP on 127.0.0.1."
-import json, os, shutil, socket, subprocess, sys, threading, time
+import json, os, re, shutil, socket, subprocess, sys, threading, time
 from pathlib import Path
 import httpx
 import pytest
@@ -124,9 +124,155 @@ def test_metadata_health_metrics(served):
     c = served["client"]
     meta = c.get("/metadata").json()
     assert meta["model"] == "fraud-detector" and meta["bento"] == served["bento"]["tag"]
-    assert meta["pipeline_run_id"] and meta["mlflow_run_id"] and len(meta["data_digest"]) == 64 and meta["trained_at"] > 0
+    assert meta["pipeline_run_id"] and meta["mlflow_run_id"] and len(meta["data_digest"]) == 64
+    from datetime import datetime, timezone  # issue 11: trained_at was an epoch float
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["trained_at"]), meta["trained_at"]
+    assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(meta["trained_at"].replace("Z", "+00:00"))).total_seconds()) < 3600
     assert c.get("/healthz").status_code == 200 and c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
     assert "bentoml_service_request" in c.get("/metrics").text
+
+
+def openapi_of(served):
+    r = served["client"].get("/docs.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text[:300]
+    return r.json()
+
+
+def test_docs_describe_the_model_and_its_contract(served):
+    "Issue 11: the docs page was BentoML's default text (badges from the internet), and /predict showed no request schema and a string answer."
+    c = served["client"]
+    wait_for(lambda: c.get("/metadata").json()["challenger"] == 2)  # the canary's challenger is loaded just after the service is ready
+    doc = openapi_of(served)
+    about = doc["info"]["description"]
+    assert doc["info"]["title"] == "fraud-detector: model service" and doc["info"]["version"] == "model version 1"
+    assert about.startswith("A **binary classification** model of `is_fraud`") and "**Answering: version 1** of `fraud-detector`, the registry's `champion`" in about
+    assert "30% of the requests go to the `challenger`, version 2" in about and "[`/metadata`](./metadata)" in about
+    assert "`score` (the probability of `1`)" in about and "img.shields.io" not in json.dumps(doc) and "bentoml.com" not in json.dumps(doc)
+    post = doc["paths"]["/predict"]["post"]
+    body = post["requestBody"]["content"]["application/json"]
+    one, many = body["schema"]["oneOf"]
+    from mlnb.serving import bento_settings
+    from mlnb.config import load_config
+    contract = bento_settings(load_config(served["project"]), served["bento"]["tag"])["fields"]
+    assert list(one["properties"]) == list(contract) == FEATURES and one["required"] == FEATURES and one["additionalProperties"] is False
+    assert one["properties"]["channel"]["enum"] == contract["channel"]["allowed"] and one["properties"]["hour"]["type"] == "integer"
+    assert (one["properties"]["amount"]["minimum"], one["properties"]["amount"]["maximum"]) == (contract["amount"]["ge"], contract["amount"]["le"])
+    assert many["items"] == one and many["maxItems"] == 50  # MLNB_MAX_BATCH of the fixture
+    answer = post["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"][0]["properties"]
+    assert answer["score"]["description"] == "the probability that `is_fraud` is `1`" and answer["prediction"]["enum"] == [0, 1]
+    assert set(post["responses"]) == {"200", "400", "413", "415", "422"}
+    # the examples are what the service accepts
+    r = c.post("/predict", json=body["example"])
+    assert r.status_code == 200 and 0 <= r.json()["score"] <= 1, r.text
+    batch = doc["paths"]["/predict/batch"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    r = c.post("/predict/batch", json=batch)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == len(batch) == 2, r.text
+    refusal = post["responses"]["422"]["content"]["application/json"]["example"]["error"]
+    assert c.post("/predict", json={**body["example"], "amount": "?"}).json()["error"] == refusal
+    assert c.get("/openapi.json").json() == doc and c.get("/metadata").json()["example"] == body["example"]
+    # the page is the service's own, and loads nothing from the internet
+    for path in ("/", "/docs"):
+        page = c.get(path)
+        assert page.status_code == 200 and "<title>fraud-detector: model service</title>" in page.text and "./docs.json" in page.text
+        assert "https://" not in page.text and "googletagmanager" not in page.text
+    for asset in ("swagger-ui.css", "swagger-ui-bundle.js"):
+        assert c.get(f"/docs-assets/{asset}").status_code == 200
+
+
+def scrape(client) -> dict:
+    "The samples of `/metrics` whose name starts with mlnb_, as {(name, sorted labels): value}."
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        for s in fam.samples:
+            if s.name.startswith("mlnb_"): out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before, after, name, **labels):
+    "How much the samples called `name` whose labels include `labels` grew, summed."
+    keys = [k for k in after if k[0] == name and set(labels.items()) <= set(k[1])]
+    return sum(after[k] - before.get(k, 0) for k in keys)
+
+
+def test_metrics_count_answers_refusals_and_scores(served):
+    "Issue 11: /metrics had only BentoML's request metrics."
+    c = served["client"]
+    before = scrape(c)
+    assert c.post("/predict", json=records(10, seed=41)).status_code == 200
+    assert c.post("/predict", json=records(1, seed=42)[0]).status_code == 200
+    rec = records(1, seed=43)[0]
+    for bad in ({**rec, "amount": -3.5}, {**rec, "channel": "fax"}, {**rec, "coupon": "X", "voucher": 1}, {**rec, "hour": "noon"}):
+        assert c.post("/predict", json=bad).status_code == 422
+    assert c.post("/predict", content=json.dumps(rec), headers={"content-type": "text/plain"}).status_code == 415
+    after = scrape(c)
+    m = dict(model="fraud-detector")
+    assert delta(before, after, "mlnb_predictions_total", **m) == 11
+    variants = {dict(k[1])["variant"] for k in after if k[0] == "mlnb_predictions_total"}
+    assert variants <= {"champion", "challenger"} and {dict(k[1])["version"] for k in after if k[0] == "mlnb_predictions_total"} <= {"1", "2"}
+    assert delta(before, after, "mlnb_refusals_total", field="amount", reason="range", **m) == 1
+    assert delta(before, after, "mlnb_refusals_total", field="channel", reason="category", **m) == 1
+    assert delta(before, after, "mlnb_refusals_total", field="other", reason="unknown_field", **m) == 2  # names outside the contract: one bucket
+    assert delta(before, after, "mlnb_refusals_total", field="hour", reason="type", **m) == 1
+    assert delta(before, after, "mlnb_refusals_total", field="request", reason="content_type", **m) == 1
+    assert not [k for k in after if k[0] == "mlnb_refusals_total" and dict(k[1])["field"] in ("coupon", "voucher")]
+    assert delta(before, after, "mlnb_prediction_score_count", **m) == 11
+    assert 0 < delta(before, after, "mlnb_prediction_score_sum", **m) < 11
+    assert delta(before, after, "mlnb_prediction_score_bucket", le="1.0", **m) == 11
+    assert "bentoml_service_request_total" in c.get("/metrics").text or "bentoml_service_request_duration_seconds" in c.get("/metrics").text
+
+
+def test_serve_on_a_busy_port_is_one_line_and_audits_nothing(served):
+    "Issue 11: `mlnb serve` on a port in use printed 55 lines of BentoML traceback, and audited deploy.started all the same."
+    from mlnb import audit
+    port = int(served["url"].rsplit(":", 1)[1])  # the fixture's server holds it
+    db = served["project"] / ".mlnb/audit.db"
+    started = len(audit.events(db, kind="deploy.started"))
+    t = time.time()
+    p = run_mlnb(served["project"], "serve", served["bento"]["tag"], "--port", str(port), check=1, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and p.stdout == "" and time.time() - t < 30, p.stderr
+    assert lines[0].startswith(f"mlnb: error: port {port} on 127.0.0.1 is in use (by pid ") and "bentoml" in lines[0], lines[0]
+    assert "serve on another port with --port " in lines[0]
+    assert len(audit.events(db, kind="deploy.started")) == started
+    free = int(lines[0].rsplit("--port ", 1)[1])  # the port it suggests can be listened on
+    with socket.socket() as s: s.bind(("127.0.0.1", free))
+
+
+def test_metrics_add_up_across_workers(served, tmp_path):
+    "Issue 11: the service's metrics at /metrics are the sum over every worker (prometheus_client's multiprocess files), whichever worker is asked."
+    src = Path(served["bento"]["path"]) / "src" / "serving.json"
+    s = json.loads(src.read_text())
+    s.update(workers=2, canary_share=0, reload_interval=0)
+    (tmp_path / "serving.json").write_text(json.dumps(s))
+    env = {**os.environ, "MLNB_SERVING_SETTINGS": str(tmp_path / "serving.json"), "MLNB_PREDICTION_LOG": str(tmp_path / "log")}
+    env.pop("MLNB_PROJECT", None)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*MLNB, "--project", str(served["project"]), "serve", served["bento"]["tag"], "--port", str(port)], env=env,
+                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
+            except httpx.HTTPError: pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        rows = records(60, seed=44)
+        def one(r):  # a new connection each: the kernel spreads them over both workers
+            return httpx.post(url + "/predict", json=r, timeout=30).status_code
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(6) as pool: assert set(pool.map(one, rows)) == {200}
+        time.sleep(1.5)  # the prediction log flushes every half second
+        assert len(list((tmp_path / "log").glob("predictions-*.jsonl"))) == 2, "both workers answered"
+        for _ in range(4):  # each scrape may land on either worker: every one shows the sum
+            with httpx.Client(base_url=url, timeout=30) as fresh:
+                assert delta({}, scrape(fresh), "mlnb_predictions_total", model="fraud-detector", variant="champion") == 60
+    finally:
+        os.killpg(proc.pid, 15)
+        try: proc.wait(timeout=30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
 
 
 def logged(served, rid, timeout=10):
@@ -210,16 +356,16 @@ def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
     assert [s["stage"] for s in ln["stages"]] == ["ingest", "validate", "features", "train", "evaluate", "gate", "register"]
     for s in ln["stages"]:
         assert s["cache_key"] == rec["stages"][s["stage"]]["key"]
-        nb = json.loads(Path(s["notebook"]).read_text())  # the executed notebook, as papermill left it
-        assert Path(s["notebook"]).parent == Path(run["run_dir"]) / "notebooks"
+        nb = json.loads((d / s["notebook"]).read_text())  # the executed notebook, as papermill left it, at the path JupyterLab opens
+        assert (d / s["notebook"]).samefile(Path(run["run_dir"]) / "notebooks" / f"{s['stage']}.ipynb") and not s["notebook"].startswith(".")
         assert nb["metadata"]["papermill"]["exception"] is None and all(c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code")
         injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
         assert injected and all(f"{k} = " in "".join(injected[0]["source"]) for k in s["params"])
-    model_version = json.loads(Path(next(x for x in ln["stages"] if x["stage"] == "register")["notebook"]).read_text())
+    model_version = json.loads((d / next(x for x in ln["stages"] if x["stage"] == "register")["notebook"]).read_text())
     assert f"'version': {version}" in json.dumps(model_version)  # the register notebook printed the version it registered
     assert [e["kind"] for e in ln["events"]][:3] == ["model.registered", "gate.decision", "model.alias_set" if version == 2 else "model.promoted"]
     text = run_mlnb(d, "lineage", rid, check=0).stdout
-    assert text.startswith(f"prediction {rid}") and "notebooks/train.ipynb" in text and f"git commit {rec['git']['commit']}" in text
+    assert text.startswith(f"prediction {rid}") and f"runs/{run['run_id']}/train.ipynb" in text and f"git commit {rec['git']['commit']}" in text
     # the id of a batch request resolves to its records
     batch = c.post("/predict/batch", json=records(3, seed=78), headers={"x-request-id": "batch-17"}).json()["request_id"]
     time.sleep(1.5)
