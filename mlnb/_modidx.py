@@ -322,6 +322,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlnb.serving.PredictionLog.__init__': ('serving.html#predictionlog.__init__', 'mlnb/serving.py'),
                               'mlnb.serving.PredictionLog._write': ('serving.html#predictionlog._write', 'mlnb/serving.py'),
                               'mlnb.serving.PredictionLog.add': ('serving.html#predictionlog.add', 'mlnb/serving.py'),
+                              'mlnb.serving.PredictionLog.flush': ('serving.html#predictionlog.flush', 'mlnb/serving.py'),
                               'mlnb.serving.PredictionLog.start': ('serving.html#predictionlog.start', 'mlnb/serving.py'),
                               'mlnb.serving.RequestChecker': ('serving.html#requestchecker', 'mlnb/serving.py'),
                               'mlnb.serving.RequestChecker.__init__': ('serving.html#requestchecker.__init__', 'mlnb/serving.py'),

@@ -206,7 +206,7 @@ def env_digest(kernel: str = "python3") -> str:
     dists = set()
     for p in sys.path:
         if not p or p in (".", os.getcwd()): continue  # the cwd is not the environment
-        try: dists.update(e for e in os.listdir(p) if e.endswith((".dist-info", ".egg-info")) and not e.startswith("mlnb-"))
+        try: dists.update(e for e in os.listdir(p) if e.endswith((".dist-info", ".egg-info")) and not e.startswith(("mlnb-", "mlnb.")))  # mlnb: its source, below
         except OSError: pass
     h.update("\n".join(sorted(dists)).encode())
     pkg = Path(__file__).parent
@@ -321,7 +321,7 @@ while True:
         say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
     if 0 not in ready: continue
     data = os.read(0, 1 << 16)
-    if not data: break
+    if not data: os._exit(0)  # the engine closed the pipe, or is gone: nothing to finalize
     buf += data
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
@@ -379,7 +379,8 @@ class _Zygote:
         self.python, self.env, self.cwd = python, env, cwd
         self.proc = subprocess.Popen([python, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=env, cwd=cwd, start_new_session=True)
-        line = self.proc.stdout.readline()
+        import select
+        line = self.proc.stdout.readline() if select.select([self.proc.stdout], [], [], 60)[0] else b""
         if not line.startswith(b'{"ready"'): self.proc.kill(); raise RuntimeError("the kernel zygote did not start")
         self._send, self._lock, self._pids, self._kids, self._early = threading.Lock(), threading.Lock(), queue.Queue(), {}, {}
         threading.Thread(target=self._read, daemon=True, name="mlnb-zygote").start()
@@ -426,9 +427,15 @@ def _provisioner():
             env, cwd = {k: v for k, v in (kw.get("env") or {}).items() if k != "JPY_PARENT_PID"}, kw.get("cwd")
             zygote = self.mlnb_zygote(cmd[0], env, cwd) if self.mlnb_zygote and list(cmd[1:3]) == ["-c", _LAUNCH] else None
             if zygote is None or (zygote.python, zygote.env, zygote.cwd) != (cmd[0], env, cwd): return await super().launch_kernel(cmd, **kw)
-            self.process = zygote.fork(list(cmd[3:]))
+            try: self.process = zygote.fork(list(cmd[3:]))
+            except (OSError, RuntimeError, queue.Empty): return await super().launch_kernel(cmd, **kw)  # the zygote is gone
             self.pid = self.pgid = self.process.pid  # it is its own process group, as a kernel jupyter_client starts is
             return self.connection_info
+
+        async def kill(self, restart=False):
+            forked = self.process if isinstance(self.process, _Forked) else None
+            await super().kill(restart)
+            if forked: forked._gone.wait(1.0)  # the zygote reports it in a moment: jupyter_client then need not poll for it
 
     _PROVISIONER.append(Provisioner)
     return Provisioner
@@ -553,7 +560,8 @@ class KernelPool:
             km.kernel_id = secrets.token_hex(16)
             km.provisioner = _provisioner()(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
             km.provisioner.mlnb_zygote = self._zygote_for
-            km.start_kernel(cwd=self.cwd, env=self.env, stderr=subprocess.DEVNULL)
+            km.start_kernel(cwd=self.cwd, env=self.env, stderr=subprocess.DEVNULL,
+                            extra_arguments=["--HistoryManager.hist_file=:memory:"])  # as nbclient starts kernels: no history file
         except Exception as e:  # jupyter_client raises many kinds here; the message names the kernel
             slot.error = e; slot.done.set(); return
         km.mlnb_process = getattr(km.provisioner, "process", None)

@@ -193,22 +193,29 @@ class PredictionLog:
     def start(self):
         "Open this process's log file and start its writer thread (in the server's worker, not the process that imports the service)."
         if not self.folder or self.path: return
+        import atexit
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"predictions-{os.getpid()}.jsonl"
+        self._file, self._lock = open(self.path, "a", buffering=1 << 16), threading.Lock()
         threading.Thread(target=self._write, daemon=True, name="mlnb-prediction-log").start()
+        atexit.register(self.flush)  # what is still queued when the process ends is written (BentoML's worker also flushes in its shutdown hook)
 
     def add(self, entries: list):
         "Queue `entries` as JSON lines: encoded here, by the request, so the writer thread only copies text."
         if self.folder: self._q.put("".join([json.dumps(e) + "\n" for e in entries]))
 
+    def flush(self):
+        "Write every line queued so far."
+        if self.path is None: return
+        with self._lock:
+            lines = []
+            while not self._q.empty(): lines.append(self._q.get_nowait())
+            if lines: self._file.write("".join(lines)); self._file.flush()
+
     def _write(self):
-        with open(self.path, "a", buffering=1 << 16) as f:
-            while True:
-                lines = [self._q.get()]
-                time.sleep(0.5)
-                while not self._q.empty(): lines.append(self._q.get_nowait())
-                f.write("".join(lines))
-                f.flush()
+        while True:
+            time.sleep(0.5)
+            self.flush()
 
 def read_prediction_log(folder: Path | str):
     "Every logged prediction under `folder` as a DataFrame (features flattened into columns)."
@@ -849,8 +856,13 @@ def _service():
                 import gc
                 gc.collect(); gc.freeze()
                 # a young-generation pass stalls the loop for as long as it takes to visit the young objects: at 50,000 that was
-                # 17-25 ms every few seconds (a p99 of its own); at 10,000 it is 3-7 ms about once a second, for the same total
+                # 17-35 ms every few seconds (a p99 of its own); at 10,000 it is a few ms about once a second, for about the same total
                 gc.set_threshold(10_000, 10, 100)
+
+        @bentoml.on_shutdown
+        def stop(self):
+            "In each worker, once its last request is answered: write the queued prediction log (uvicorn then ends the process by the signal it got, so `atexit` never runs)."
+            app.state.log.flush()
 
         def __is_ready__(self) -> bool:
             "Ready while the registry's champion is the model served; otherwise a 503 whose body says why, in one JSON line."

@@ -1,5 +1,6 @@
 "The pipeline engine through the real CLI: cache keys, selection, failure and resume, parallelism, timeouts."
 import json, os, signal, subprocess, time
+import pytest
 from pathlib import Path
 from conftest import MLNB, add_stage, run_json, run_mlnb, statuses
 
@@ -195,3 +196,73 @@ def test_stage_notebook_runs_unchanged_outside_a_pipeline(chain):
     said = "".join("".join(o.get("data", {}).get("text/plain", "")) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
     assert f"mlnb: upstream 'a': the products of run {first['run_id']} (the newest finished run that has them)" in said
     assert os.environ.get("MLNB_PROJECT") == env_before
+
+
+# --- stages that start warm (issue 12) ------------------------------------------------------------------------------
+
+PROBE = '''"Records, when first imported, what the kernel importing it looks like then, in a file named after its process."
+import json, os, sys
+from pathlib import Path
+from IPython import get_ipython
+SEEN = {"cells": len(get_ipython().user_ns.get("In", [""])) - 1, "pid": os.getpid(), "pandas": "pandas" in sys.modules,
+        "env": sorted(os.environ.items())}
+Path(os.environ["PROBE_OUT"], f"probe-{os.getpid()}.json").write_text(json.dumps(SEEN))
+'''
+PROBE_CTX = "from mlnb import stage\nOUT = stage.context()['out_dir']  # read at import: the stage's own context, or its warm-up's placeholder\n"
+WARM_IMPORTS = "import os, sys\nimport pandas\nimport mlnb_probe\nfrom mlnb import stage\nimport mlnb_probe_ctx"
+WARM_SEEN = ("seen = {'names': sorted(dir()), 'count': get_ipython().execution_count, 'In': len(In), 'path': sys.path, 'pid': os.getpid(),\n"
+             "        'argv': sys.argv[:2] + sys.argv[3:],\n"  # all but the connection file
+             "        'env': sorted(os.environ.items()), 'probe': mlnb_probe.SEEN, 'ctx_out': mlnb_probe_ctx.OUT}")
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    "A run of two stages whose imports include installed modules with import-time side effects (a tiny site folder on PYTHONPATH)."
+    d = tmp_path_factory.mktemp("warm")
+    site, probes = d / "site", d / "probes"
+    site.mkdir(); probes.mkdir()
+    for name, src in (("mlnb_probe", PROBE), ("mlnb_probe_ctx", PROBE_CTX)):  # installed: a distribution of their own
+        (site / f"{name}.py").write_text(src)
+        (site / f"{name}-0.1.dist-info").mkdir()
+        (site / f"{name}-0.1.dist-info/METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    project = d / "project"; (project / "pipeline").mkdir(parents=True)
+    (project / "settings.ini").write_text("[mlnb]\npipeline = pipeline\nexperiment = test\njobs = 1\nprestart = 2\n")
+    add_stage(project, "warm", "upstream = []\nx = 1", WARM_IMPORTS, WARM_SEEN, "saved = stage.save('seen', seen)")
+    add_stage(project, "plain", "upstream = ['warm']", "import mlnb_probe\nfrom mlnb import stage", "saved = stage.save('seen', {'probe': mlnb_probe.SEEN})")
+    env = {"PYTHONPATH": str(site), "PROBE_OUT": str(probes)}
+    rec = run_json(project, "run", env=env)
+    return project, rec, env
+
+
+def test_the_warm_up_is_invisible_and_sees_the_stage_environment(warmed, tmp_path, monkeypatch):
+    "Nothing of the warm-up shows in the stage (names, outputs, execution counts); an import with side effects saw the stage's environment."
+    project, rec, env = warmed
+    seen = product(project, rec, "warm", "seen")
+    probe = seen["probe"]
+    assert probe["cells"] == 0 and probe["pid"] == seen["pid"], "imported in the stage's own kernel, before its first cell"
+    assert probe["env"] == seen["env"], "the environment the import saw is the one the stage's cells see"
+    assert dict(seen["env"])["MLNB_PROJECT"] == str(project) and dict(seen["env"])["PROBE_OUT"] == env["PROBE_OUT"]
+    assert json.loads((Path(env["PROBE_OUT"]) / f"probe-{seen['pid']}.json").read_text()) == probe
+    # a module that reads the stage's context at import could not in the warm-up: the stage imported it, with its own context
+    out = Path(seen["ctx_out"])
+    assert out.parent == project / ".mlnb/cache/warm" and out.name.startswith(".tmp-"), out
+    assert not (project / ".mlnb/scratch").exists(), "no interactive context was ever made"
+    # the same notebook run by bare papermill in a fresh kernel (no warm-up): the same namespace, counts and outputs
+    import papermill as pm
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"]); monkeypatch.setenv("PROBE_OUT", str(tmp_path))
+    pm.execute_notebook(str(project / "pipeline/warm.ipynb"), str(tmp_path / "bare.ipynb"), progress_bar=False, kernel_name="python3",
+                        parameters={"x": 1, "mlnb_context": {"out_dir": str(tmp_path / "out"), "upstream": {}}}, cwd=str(project / "pipeline"))
+    bare = json.loads((tmp_path / "out/seen.json").read_text())
+    assert bare["probe"]["cells"] == 3, "there the probe was imported by the stage's own cell (In [3])"
+    for k in ("names", "count", "In", "path", "argv"): assert seen[k] == bare[k], k
+    cells = lambda nb: [(c.get("execution_count"), c.get("outputs")) for c in json.loads(Path(nb).read_text())["cells"]]
+    assert cells(rec["stages"]["warm"]["notebook"]) == cells(tmp_path / "bare.ipynb") == [(1, []), (2, []), (3, []), (4, []), (5, [])]
+
+
+def test_a_warmed_module_is_imported_before_the_stage_starts(warmed):
+    "pandas, which the stage imports first thing, is in sys.modules before its first cell runs; a stage that does not import it has not got it."
+    project, rec, _ = warmed
+    probe = product(project, rec, "warm", "seen")["probe"]
+    assert probe["cells"] == 0 and probe["pandas"] is True, "imported after pandas, before any cell: pandas was there before the first cell"
+    other = product(project, rec, "plain", "seen")["probe"]
+    assert other["cells"] == 0 and other["pandas"] is False, "a kernel is warmed with its own stage's imports only"

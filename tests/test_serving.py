@@ -293,6 +293,37 @@ def test_prediction_log(served):
     assert row["client_request_id"] == "test-log-123"
 
 
+def test_prediction_log_keeps_every_answer_when_the_server_stops(served, tmp_path):
+    "Issue 12: a worker that stopped lost the lines still queued for the log's writer thread (its last half second of answers)."
+    from concurrent.futures import ThreadPoolExecutor
+    from mlnb.serving import read_prediction_log
+    env = {**os.environ, "MLNB_PREDICTION_LOG": str(tmp_path / "log"), "MLNB_RELOAD_INTERVAL": "0", "MLNB_CANARY_SHARE": "0"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*MLNB, "--project", str(served["project"]), "serve", served["bento"]["tag"], "--port", str(port)], env=env,
+                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
+            except httpx.HTTPError: pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            def one(r):
+                resp = c.post("/predict", json=r)
+                assert resp.status_code == 200, resp.text
+                return resp.json()["request_id"]
+            with ThreadPoolExecutor(8) as pool: ids = list(pool.map(one, records(300, seed=46)))
+    finally:
+        os.killpg(proc.pid, 15)  # at once: the answers of the last half second are still queued
+        try: proc.wait(timeout=30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
+    logged = set(read_prediction_log(tmp_path / "log")["request_id"])
+    assert len(ids) == 300 and not set(ids) - logged, f"{len(set(ids) - logged)} answered requests are not in the log"
+
+
 def test_request_id_is_the_servers_and_unique(served):
     "Issue 10, point 10: a client-supplied duplicate x-request-id was the log's key, and lineage returned the first match."
     c = served["client"]
