@@ -204,7 +204,7 @@ def _progress(console, live: bool | None = None):
 @click.option("-j", "--jobs", type=click.IntRange(1), help="Independent stages run at once.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Per-stage timeout in seconds.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]", help="Continue a failed or interrupted run (default: the last one).")
-@click.option("--wait-tracking", is_flag=True, help="Log to MLflow before exiting even when every stage was reused.")
+@click.option("--wait-tracking", is_flag=True, help="Wait for everything MLflow gets: also the executed notebooks' HTML pages (otherwise rendered in the background after the run) and, on a tracking server, a fully reused run's record.")
 @click.option("--artifacts", type=click.Path(file_okay=False), help="Copy the executed notebooks, the run record, the gate report and a Markdown summary here (for CI), also when the run fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.pass_context
@@ -235,6 +235,8 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, a
     console.print(f"run {rec['run_id']} done: {ran}, {n['cached']} reused in {time.time() - t0:.2f}s; "
                   f"executed notebooks in {rec.get('visible_notebooks') or Path(cfg.state_dir, 'runs', rec['run_id'], 'notebooks')}",
                   highlight=False, soft_wrap=True)
+    if rec.get("tracking") not in (None, "synced", "off"):  # where the run's MLflow record stands, when it is not simply there
+        console.print(f"MLflow: {rec['tracking']}", highlight=False, soft_wrap=True)
     fate = _model_fate(rec)
     if fate: console.print(fate, highlight=False, soft_wrap=True)
     _out(rec, as_json, rec["run_id"])

@@ -1066,7 +1066,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                  sync_tracking: bool | None = None, # True: log to MLflow before returning; None: in-process unless fully reused
                 ) -> dict:
     "Run the pipeline of `cfg`; returns the run record. Raises `StageFailed` if a stage failed."
-    from mlnb.tracking import check_tracking, spawn_sync
+    from mlnb.tracking import check_tracking, start_sync
     from mlnb import audit
     opts = opts or RunOptions()
     executed_dir(cfg)  # a bad setting is refused before anything starts
@@ -1086,7 +1086,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
     stop = threading.Event()
     audit.record(cfg, "run.started", {"run": run.run_id}, {"options": run.rec["options"], "git": run.rec["git"], "resumed": run.rec["resumed"],
                                                           "attempt": run.attempt, "stages": run.selected})
-    follower = spawn_sync(cfg, run.dir) if sync_tracking is not False else None
+    follower = start_sync(cfg, run.dir, pages=bool(sync_tracking)) if sync_tracking is not False else None  # a thread here, or a detached process
     warmed = False
     status = "failed"
     undo_ctrl_c = lambda: None
@@ -1231,12 +1231,12 @@ def run_pipeline(cfg: Config,                       # the project's settings
             run.on_event({"run_id": run.run_id, "status": status, "run_dir": str(run.dir)})
         finally: undo_ctrl_c()
     executed = any(s["status"] in ("done", "failed") and s.get("in_attempt") == run.attempt for s in run.rec["stages"].values())
-    if follower is not None and (sync_tracking or executed):
+    if follower is not None and (sync_tracking or executed or not isinstance(follower, subprocess.Popen)):  # a thread's last sync is quick
         run.on_event({"run_id": run.run_id, "status": "tracking"})  # the stages are over; the wait that follows can take seconds
         try: code = follower.wait(timeout=300)
         except subprocess.TimeoutExpired: code = None
         finally: run.on_event({"run_id": run.run_id, "status": "tracked"})
-        run.rec["tracking"] = "synced" if code == 0 else f"not synced: see {run.dir / 'tracking.log'}; retry with `mlnb sync {run.run_id}`"
+        run.rec["tracking"] = getattr(follower, "summary", "synced") if code == 0 else f"not synced: see {run.dir / 'tracking.log'}; retry with `mlnb sync {run.run_id}`"
     else: run.rec["tracking"] = "syncing in the background" if follower else "off"
     if failed: raise failed[0]
     return run.rec

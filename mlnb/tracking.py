@@ -14,10 +14,10 @@ from .stage import skops_digest, TRUSTED_TYPES, MODEL_FILE, trusted_types
 
 # %% auto #0
 __all__ = ['EXPERIMENT_KIND', 'HISTORY', 'check_tracking', 'store_lock', 'watch_store', 'sync_run', 'pid_alive', 'follow_run',
-           'spawn_sync', 'check_trusted', 'load_verified', 'load_version', 'version_registered', 'register_model',
-           'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model',
-           'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring',
-           'read_aliases', 'version_tags', 'model_version_info']
+           'spawn_sync', 'start_sync', 'check_trusted', 'load_verified', 'load_version', 'version_registered',
+           'register_model', 'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions',
+           'load_model', 'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts',
+           'log_monitoring', 'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -275,19 +275,193 @@ _STATUS = {"done": "FINISHED", "failed": "FAILED", "interrupted": "KILLED", "run
 def _read_json(p: Path, default=None):
     return json.loads(p.read_text()) if p.exists() else default
 
+# %% ../nbs/04_tracking.ipynb #runs0002
+_RUN_TABLES = {  # what mlnb writes of MLflow's tracking schema, at the revisions below
+    "experiments": {"experiment_id", "name", "artifact_location", "lifecycle_stage", "workspace"},
+    "experiment_tags": {"key", "value", "experiment_id"},
+    "runs": {"run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id", "status", "start_time",
+             "end_time", "deleted_time", "source_version", "lifecycle_stage", "artifact_uri", "experiment_id"},
+    "tags": {"key", "value", "run_uuid"}, "params": {"key", "value", "run_uuid"},
+    "metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
+    "latest_metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
+    "alembic_version": {"version_num"}}
+_RUN_REVISIONS = {"dc11669786a5"}  # MLflow 3.17's schema; a store at another revision is written by MLflow itself
+
+def _direct_runs(cfg: Config) -> str | None:
+    "The SQLite file mlnb writes the project's runs into itself, or None (then `MlflowClient` does)."
+    import sqlite3
+    path = _sqlite_store(cfg.tracking_uri)
+    if path is None: return None
+    try:
+        st = os.stat(path); key = ("runs", path, st.st_dev, st.st_ino)
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+            if key not in _SCHEMA_KNOWN:
+                _SCHEMA_KNOWN[key] = (all(cols <= {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t, cols in _RUN_TABLES.items())
+                                      and {r[0] for r in db.execute("SELECT version_num FROM alembic_version")} <= _RUN_REVISIONS)
+            if not _SCHEMA_KNOWN[key]: return None
+            exp = db.execute("SELECT artifact_location, lifecycle_stage FROM experiments WHERE workspace = 'default' AND name = ?",
+                             (cfg.experiment,)).fetchone()
+    except (OSError, sqlite3.Error): return None
+    return path if exp and exp[1] == "active" and _local(exp[0]) is not None else None
+
+class _SqlRuns(_SqlRegistry):
+    "A pipeline run's MLflow writes, as rows of MLflow's SQLite store (the registry's too: lineage tags on versions)."
+    def __init__(self, path: str, cfg: Config):
+        super().__init__(path); self.cfg = cfg
+    @contextlib.contextmanager
+    def batch(self):
+        "One transaction around the writes inside (nested: the outer one)."
+        if self.db.in_transaction: yield; return
+        self.db.execute("BEGIN IMMEDIATE")
+        try: yield
+        except BaseException: self.db.execute("ROLLBACK"); raise
+        self.db.execute("COMMIT")
+    def _refuse(self, what: str):
+        raise TrackingError(f"MLflow at {self.cfg.tracking_uri} refused a request: {what}")
+    def _active(self, run_id: str):
+        row = self.db.execute("SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+        if row is None: self._refuse(f"Run with id={run_id} not found")
+        if row[0] != "active": self._refuse(f"The run {run_id} must be in the 'active' state. Current state is {row[0]}.")
+    def _key(self, key: str, what: str) -> str:
+        import posixpath, re
+        norm = posixpath.normpath(key)
+        if (not re.match(r"^[/\w.\- :]*$", key) or norm != key or norm == "." or norm.startswith(("..", "/")) or len(key) > 250):
+            self._refuse(f"Invalid {what} name: '{key}' (letters, digits, _ - . : / and spaces, at most 250, not a path like '../x')")
+        return key
+    def experiment(self) -> str:
+        exp_id, = self.db.execute("SELECT experiment_id FROM experiments WHERE workspace = 'default' AND name = ?", (self.cfg.experiment,)).fetchone()
+        if not self.db.execute("SELECT 1 FROM experiment_tags WHERE experiment_id = ? AND key = ?", (exp_id, EXPERIMENT_KIND)).fetchone():
+            self.db.execute("INSERT INTO experiment_tags (key, value, experiment_id) VALUES (?, ?, ?)", (EXPERIMENT_KIND, "custom_model_development", exp_id))
+        return str(exp_id)
+    def exists(self, run_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM runs WHERE run_uuid = ?", (run_id,)).fetchone() is not None
+    def create(self, exp_id: str, start: int, tags: dict) -> str:
+        import uuid
+        run_id = uuid.uuid4().hex
+        loc, = self.db.execute("SELECT artifact_location FROM experiments WHERE experiment_id = ?", (int(exp_id),)).fetchone()
+        with self.batch():
+            self.db.execute("INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status, start_time, "
+                            "end_time, deleted_time, source_version, lifecycle_stage, artifact_uri, experiment_id) "
+                            "VALUES (?, ?, 'UNKNOWN', '', '', ?, 'RUNNING', ?, NULL, NULL, '', 'active', ?, ?)",
+                            (run_id, tags["mlflow.runName"], tags.get("mlflow.user", "unknown"), start, f"{loc.rstrip('/')}/{run_id}/artifacts", int(exp_id)))
+            self.log(run_id, tags=tags)
+        return run_id
+    def log(self, run_id: str, params: dict = {}, metrics: dict = {}, tags: dict = {}, ts: int | None = None):
+        "What `_log` does through `MlflowClient.log_batch`: params once (never changed), a metric point each, tags set."
+        import math
+        ts = ts or int(time.time() * 1000)
+        with self.batch():
+            self._active(run_id)
+            known = dict(self.db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)))
+            for k, v in params.items():
+                k, v = self._key(str(k), "parameter"), str(v)[:6000]
+                if k in known and known[k] != v: self._refuse(f"Changing param values is not allowed. Param {k!r} was already logged as {known[k]!r} for run ID={run_id!r}.")
+                if k not in known: self.db.execute("INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)", (k, v, run_id))
+            for k, v in metrics.items():
+                k, v = self._key(_metric_name(k), "metric"), float(v)
+                nan = math.isnan(v)
+                v = 0.0 if nan else max(min(v, 1.7976931348623157e308), -1.7976931348623157e308)  # how MLflow stores NaN and ±inf
+                self.db.execute("INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan) VALUES (?, ?, ?, ?, 0, ?)",
+                                (k, v, ts, run_id, nan))
+                last = self.db.execute("SELECT step, timestamp, value FROM latest_metrics WHERE run_uuid = ? AND key = ?", (run_id, k)).fetchone()
+                if last is None:
+                    self.db.execute("INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) VALUES (?, ?, ?, 0, ?, ?)",
+                                    (k, v, ts, nan, run_id))
+                elif (0, ts, v) > tuple(last):
+                    self.db.execute("UPDATE latest_metrics SET value = ?, timestamp = ?, step = 0, is_nan = ? WHERE run_uuid = ? AND key = ?",
+                                    (v, ts, nan, run_id, k))
+            for k, v in tags.items():
+                k, v = self._key(str(k), "tag"), str(v)[:8000]
+                if k == "mlflow.runName": self.db.execute("UPDATE runs SET name = ? WHERE run_uuid = ?", (v, run_id))
+                self.db.execute("INSERT INTO tags (key, value, run_uuid) VALUES (?, ?, ?) "
+                                "ON CONFLICT (key, run_uuid) DO UPDATE SET value = excluded.value", (k, v, run_id))
+    def _artifact(self, run_id: str, rel: str) -> Path:
+        folder = self.artifact_dir(run_id)
+        if folder is None: self._refuse(f"run {run_id} keeps its artifacts outside a local folder")
+        dest = folder / rel; dest.parent.mkdir(parents=True, exist_ok=True)
+        return dest
+    def log_file(self, run_id: str, path: Path, folder: str | None = None):
+        "Copy a file into the run's artifacts (under `folder`), as MLflow's local artifact repository does: whole or not at all."
+        import shutil
+        dest = self._artifact(run_id, f"{folder}/{path.name}" if folder else path.name)
+        tmp = dest.with_name(f".{dest.name}.tmp"); shutil.copyfile(path, tmp); shutil.copystat(path, tmp); os.replace(tmp, dest)
+    def log_text(self, run_id: str, text: str, file: str):
+        dest = self._artifact(run_id, file)
+        tmp = dest.with_name(f".{dest.name}.tmp"); tmp.write_text(text, encoding="utf-8"); os.replace(tmp, dest)
+    def end(self, run_id: str, status: str, end_time: int | None = None):
+        with self.batch():
+            self._active(run_id)
+            self.db.execute("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?", (status, end_time or int(time.time() * 1000), run_id))
+    def reopen(self, run_id: str):
+        with self.batch():
+            self._active(run_id)
+            self.db.execute("UPDATE runs SET status = 'RUNNING' WHERE run_uuid = ?", (run_id,))
+    def same_version(self, mv: dict) -> bool:
+        found = self.versions(mv["name"], mv["version"])
+        return bool(found) and (not mv.get("model_sha256") or found[0]["tags"].get("mlnb.model_sha256") == mv["model_sha256"])
+    def tag_version(self, name: str, version, tags: dict): self.set_version_tags(name, version, tags)
+
+class _ClientRuns:
+    "The same writes through `MlflowClient`."
+    def __init__(self, client, cfg: Config): self.client, self.cfg = client, cfg
+    def batch(self): return contextlib.nullcontext()
+    def experiment(self) -> str: return _experiment_id(self.client, self.cfg)
+    def exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        try: self.client.get_run(run_id); return True
+        except MlflowException: return False
+    def create(self, exp_id: str, start: int, tags: dict) -> str:
+        return self.client.create_run(exp_id, start_time=start, tags=tags).info.run_id
+    def log(self, run_id: str, params: dict = {}, metrics: dict = {}, tags: dict = {}): _log(self.client, run_id, params, metrics, tags)
+    def log_file(self, run_id: str, path: Path, folder: str | None = None): self.client.log_artifact(run_id, str(path), folder)
+    def log_text(self, run_id: str, text: str, file: str): self.client.log_text(run_id, text, file)
+    def end(self, run_id: str, status: str, end_time: int | None = None): self.client.set_terminated(run_id, status, end_time=end_time)
+    def reopen(self, run_id: str): self.client.update_run(run_id, "RUNNING")
+    def same_version(self, mv: dict) -> bool:
+        from mlflow.exceptions import MlflowException
+        try: tags = self.client.get_model_version(mv["name"], str(mv["version"])).tags
+        except MlflowException: return False
+        return not mv.get("model_sha256") or tags.get("mlnb.model_sha256") == mv["model_sha256"]
+    def tag_version(self, name: str, version, tags: dict):
+        for k, v in tags.items(): self.client.set_model_version_tag(name, version, k, v)
+
+@contextlib.contextmanager
+def _runs(cfg: Config, client: bool = False):
+    "Where a sync writes, under the store lock: the SQLite store itself when mlnb knows it (and not `client`), else `MlflowClient`."
+    import sqlite3
+    path = None if client else _direct_runs(cfg)
+    if path is None:
+        with _client(cfg) as c: yield _ClientRuns(c, cfg)
+        return
+    store = _SqlRuns(path, cfg)
+    try:
+        with store_lock(cfg): yield store
+    except sqlite3.Error as e: raise TrackingError(f"the MLflow store {path} refused a request: {e}") from e
+    finally: store.close()
+
 # %% ../nbs/04_tracking.ipynb #0011
-def _run_exists(client, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-    try: client.get_run(run_id); return True
-    except MlflowException: return False
+_HTML: dict = {}
+
+def _html_exporter():
+    "nbconvert's HTML exporter with JupyterLab's look, made once per process (its templates compile on first use)."
+    import threading
+    with _HTML.setdefault("lock", threading.Lock()):
+        if "exporter" not in _HTML:
+            if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)  # a grammar built at import, for a URI format no notebook uses
+            from nbconvert import HTMLExporter
+            _HTML["exporter"] = HTMLExporter(template_name="lab", optimistic_validation=True)  # validated once, not after each step
+        return _HTML["exporter"]
+
+def _notebook_html_of(node) -> str:
+    exporter = _html_exporter()
+    with _HTML["lock"]: return exporter.from_notebook_node(node)[0]
 
 def _notebook_html(nb: Path) -> str | None:
     "An executed notebook as one HTML page (JupyterLab's look, outputs and plots inline), or None if it cannot be rendered."
     try:
+        _html_exporter()
         import nbformat
-        from nbconvert import HTMLExporter
-        body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(nb, as_version=4))
-        return body
+        return _notebook_html_of(nbformat.read(nb, as_version=4))
     except Exception: return None  # a notebook the renderer cannot read is still logged as .ipynb
 
 def _made_by(rec: dict, st: dict) -> bool:
@@ -295,71 +469,86 @@ def _made_by(rec: dict, st: dict) -> bool:
     if st["status"] != "done" or not st.get("entry"): return False
     return (_read_json(Path(st["entry"]) / "manifest.json", {}) or {}).get("run_id") == rec["run_id"]
 
-def _same_version(client, mv: dict) -> bool:
-    "Whether the store still holds the version a stage registered (the same number with the same model), not a lost or a new one."
-    from mlflow.exceptions import MlflowException
-    try: tags = client.get_model_version(mv["name"], str(mv["version"])).tags
-    except MlflowException: return False
-    return not mv.get("model_sha256") or tags.get("mlnb.model_sha256") == mv["model_sha256"]
-
-def sync_run(cfg: Config, run_dir: Path | str) -> dict:
+def sync_run(cfg: Config, run_dir: Path | str,
+             client: bool = False, # write through `MlflowClient` even where mlnb could write the SQLite store itself
+             pages: bool = True,   # log each executed notebook's HTML page too (False: later, by a sync with pages)
+            ) -> dict:
     "Copy the record of the pipeline run in `run_dir` into MLflow; returns the MLflow run ids (idempotent)."
     run_dir = Path(run_dir)
     rec = _read_json(run_dir / "run.json")
     if rec is None: raise NotFound(f"{run_dir} is not a run folder (no run.json)")
     tfile = run_dir / "tracking.json"
-    with _client(cfg) as client:
+    nbs = {n: run_dir / "notebooks" / f"{n}.ipynb" for n in rec["stages"]}
+    new = lambda tr: [n for n, st in rec["stages"].items() if st["status"] in ("done", "cached", "failed")
+                      and tr["stages"].get(n, {}).get("attempt") != st.get("attempt")] if tr.get("synced_rev") != rec.get("rev") else []
+    tr = _read_json(tfile, {"parent_run_id": None, "stages": {}})
+    # rendered before the store is locked: the MLflow UI shows an .ipynb as raw JSON, the HTML it renders
+    html = {n: _notebook_html(nbs[n]) for n in {*new(tr), *tr.get("pages", [])} if nbs[n].exists()} if pages else {}
+    with _runs(cfg, client) as store:
         tr = _read_json(tfile, {"parent_run_id": None, "stages": {}})
-        if tr["parent_run_id"] and not _run_exists(client, tr["parent_run_id"]):
+        if tr["parent_run_id"] and not store.exists(tr["parent_run_id"]):
             tr = {"parent_run_id": None, "stages": {}}  # the store lost the run (a new or restored mlflow.db): log it again
-        if tr.get("synced_rev") == rec.get("rev"): return tr
-        exp_id = _experiment_id(client, cfg)
-        if tr["parent_run_id"] is None:
-            git = rec.get("git") or {}
-            tags = {"mlflow.runName": f"pipeline {rec['run_id']}", "mlnb.run_id": rec["run_id"], "mlnb.kind": "pipeline", "mlflow.user": rec.get("user") or "",
-                    "mlnb.run_dir": str(run_dir), "mlnb.version": rec.get("mlnb_version", ""),
-                    "mlnb.data_digest": rec.get("data_digest") or "", "mlflow.source.git.commit": git.get("commit") or "",
-                    "mlnb.git.commit": git.get("commit") or "", "mlnb.git.dirty": str(git.get("dirty", "")).lower()}
-            parent = client.create_run(exp_id, start_time=int(rec["started"] * 1000), tags=tags).info.run_id
-            _log(client, parent, params={f"{s}.{k}": v for s, ps in rec.get("params", {}).items() for k, v in ps.items()})
-            tr["parent_run_id"] = parent
-        parent = tr["parent_run_id"]
-        for name, st in rec["stages"].items():
-            if st["status"] not in ("done", "cached", "failed") or tr["stages"].get(name, {}).get("attempt") == st.get("attempt"): continue
-            entry = Path(st["entry"]) if st.get("entry") else None
-            own = (_read_json(entry / "mlflow_run.json") if _made_by(rec, st)  # the run a stage opened itself (a registered model's)
-                   else _read_json(run_dir / "mlflow_runs" / f"{name}.json") if st["status"] == "failed" else None)
-            start = int(st.get("started", rec["started"]) * 1000)
-            run_id = own["run_id"] if own and _run_exists(client, own["run_id"]) else client.create_run(exp_id, start_time=start, tags={}).info.run_id
-            metrics = dict(_read_json(entry / "metrics.json", {}) if entry else {})
-            metrics["duration_s"] = st.get("duration", 0.0)
-            _log(client, run_id, params=st.get("params", {}), metrics=metrics, tags=_stage_tags(rec, name, st, parent))
+        if tr.get("synced_rev") == rec.get("rev") and not (pages and tr.get("pages")): return tr
+        def page(n, run_id):
+            if n not in html: html[n] = _notebook_html(nbs[n])  # a stage the sync before the lock did not expect (a lost store)
+            if html[n]: store.log_text(run_id, html[n], f"notebooks/{n}.html")
+        if tr.get("synced_rev") != rec.get("rev"): _sync_record(store, cfg, rec, run_dir, tr, new(tr), page if pages else None)
+        if pages:  # pages left for later by an earlier sync
+            for n in tr.pop("pages", []):
+                if n in tr["stages"] and nbs[n].exists(): page(n, tr["stages"][n]["run_id"])
+        tmp = tfile.with_suffix(".tmp"); tmp.write_text(json.dumps(tr, indent=1)); os.replace(tmp, tfile)  # under the lock: one writer
+    return tr
+
+def _sync_record(store, cfg: Config, rec: dict, run_dir: Path, tr: dict, new: list, page):
+    "Log what changed in the run's record: the parent run, a nested run per newly ended stage, and the parent's status and metrics."
+    exp_id = store.experiment()
+    if tr["parent_run_id"] is None:
+        git = rec.get("git") or {}
+        tags = {"mlflow.runName": f"pipeline {rec['run_id']}", "mlnb.run_id": rec["run_id"], "mlnb.kind": "pipeline", "mlflow.user": rec.get("user") or "",
+                "mlnb.run_dir": str(run_dir), "mlnb.version": rec.get("mlnb_version", ""),
+                "mlnb.data_digest": rec.get("data_digest") or "", "mlflow.source.git.commit": git.get("commit") or "",
+                "mlnb.git.commit": git.get("commit") or "", "mlnb.git.dirty": str(git.get("dirty", "")).lower()}
+        with store.batch():
+            parent = store.create(exp_id, int(rec["started"] * 1000), tags)
+            store.log(parent, params={f"{s}.{k}": v for s, ps in rec.get("params", {}).items() for k, v in ps.items()})
+        tr["parent_run_id"] = parent
+    parent = tr["parent_run_id"]
+    for name in new:
+        st = rec["stages"][name]
+        entry = Path(st["entry"]) if st.get("entry") else None
+        own = (_read_json(entry / "mlflow_run.json") if _made_by(rec, st)  # the run a stage opened itself (a registered model's)
+               else _read_json(run_dir / "mlflow_runs" / f"{name}.json") if st["status"] == "failed" else None)
+        start = int(st.get("started", rec["started"]) * 1000)
+        metrics = dict(_read_json(entry / "metrics.json", {}) if entry else {})
+        metrics["duration_s"] = st.get("duration", 0.0)
+        tags = _stage_tags(rec, name, st, parent)
+        with store.batch():
+            run_id = own["run_id"] if own and store.exists(own["run_id"]) else store.create(exp_id, start, {k: tags[k] for k in ("mlflow.runName", "mlflow.user")})
+            store.log(run_id, params=st.get("params", {}), metrics=metrics, tags=tags)
             nb = run_dir / "notebooks" / f"{name}.ipynb"
             if nb.exists():
-                client.log_artifact(run_id, str(nb), "notebooks")
-                html = _notebook_html(nb)  # the MLflow UI shows an .ipynb as raw JSON; the HTML it renders
-                if html: client.log_text(run_id, html, f"notebooks/{name}.html")
-            client.set_terminated(run_id, "FAILED" if st["status"] == "failed" else "FINISHED",
-                                  end_time=int((st.get("started", rec["started"]) + st.get("duration", 0)) * 1000))
-            tr["stages"][name] = {"run_id": run_id, "attempt": st.get("attempt")}
-        headline = {}  # every stage's metrics on the parent too, so runs compare and sort by their model's quality
-        for name, st in rec["stages"].items():
-            if st["status"] in ("done", "cached") and st.get("entry"): headline.update(_read_json(Path(st["entry"]) / "metrics.json", {}))
-        _log(client, parent, tags={"mlnb.status": rec["status"], "mlnb.data_digest": rec.get("data_digest") or ""},
-             metrics={**headline, "duration_s": rec.get("duration", 0.0), "stages_run": sum(s["status"] == "done" for s in rec["stages"].values()),
-                      "stages_cached": sum(s["status"] == "cached" for s in rec["stages"].values())})
-        if rec["status"] != "running": client.log_artifact(parent, str(run_dir / "run.json"))
+                store.log_file(run_id, nb, "notebooks")
+                if page: page(name, run_id)
+                else: tr["pages"] = [*(n for n in tr.get("pages", []) if n != name), name]
+            store.end(run_id, "FAILED" if st["status"] == "failed" else "FINISHED",
+                      end_time=int((st.get("started", rec["started"]) + st.get("duration", 0)) * 1000))
+        tr["stages"][name] = {"run_id": run_id, "attempt": st.get("attempt")}
+    headline = {}  # every stage's metrics on the parent too, so runs compare and sort by their model's quality
+    for name, st in rec["stages"].items():
+        if st["status"] in ("done", "cached") and st.get("entry"): headline.update(_read_json(Path(st["entry"]) / "metrics.json", {}))
+    with store.batch():
+        store.log(parent, tags={"mlnb.status": rec["status"], "mlnb.data_digest": rec.get("data_digest") or ""},
+                  metrics={**headline, "duration_s": rec.get("duration", 0.0), "stages_run": sum(s["status"] == "done" for s in rec["stages"].values()),
+                           "stages_cached": sum(s["status"] == "cached" for s in rec["stages"].values())})
+        if rec["status"] != "running": store.log_file(parent, run_dir / "run.json")
         ended = rec.get("ended")
-        if rec["status"] == "running": client.update_run(parent, "RUNNING")
-        else: client.set_terminated(parent, _STATUS.get(rec["status"], "FINISHED"), end_time=int(ended * 1000) if ended else None)
+        if rec["status"] == "running": store.reopen(parent)
+        else: store.end(parent, _STATUS.get(rec["status"], "FINISHED"), end_time=int(ended * 1000) if ended else None)
         for name, st in rec["stages"].items():
             mv = _read_json(Path(st["entry"]) / "model_version.json") if _made_by(rec, st) else None
-            if mv and not mv.get("reused") and _same_version(client, mv):  # a version registered by an earlier run keeps its own lineage
-                client.set_model_version_tag(mv["name"], mv["version"], "mlnb.parent_run_id", parent)
-                if rec.get("data_digest"): client.set_model_version_tag(mv["name"], mv["version"], "mlnb.data_digest", rec["data_digest"])
-        tr.update(synced_status=rec["status"], synced_rev=rec.get("rev"), experiment_id=exp_id)
-    tmp = tfile.with_suffix(".tmp"); tmp.write_text(json.dumps(tr, indent=1)); os.replace(tmp, tfile)
-    return tr
+            if mv and not mv.get("reused") and store.same_version(mv):  # a version registered by an earlier run keeps its own lineage
+                store.tag_version(mv["name"], mv["version"], {"mlnb.parent_run_id": parent, **({"mlnb.data_digest": rec["data_digest"]} if rec.get("data_digest") else {})})
+    tr.update(synced_status=rec["status"], synced_rev=rec.get("rev"), experiment_id=exp_id)
 
 # %% ../nbs/04_tracking.ipynb #0013
 def pid_alive(pid) -> bool:
@@ -367,10 +556,16 @@ def pid_alive(pid) -> bool:
     try: os.kill(int(pid), 0); return True
     except (OSError, ValueError, TypeError): return False
 
-def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.2, timeout: float = 7 * 24 * 3600) -> dict:
+def _warm_up(cfg: Config):
+    "Pay, while a stage runs, for what the first sync needs: the HTML renderer, and mlflow's import unless mlnb writes the store itself."
+    if _direct_runs(cfg) is None: _mlflow(cfg)
+    import nbformat
+    _notebook_html_of(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# x"), nbformat.v4.new_code_cell("x = 1")]))
+
+def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.05, timeout: float = 7 * 24 * 3600) -> dict:
     "Sync `run_dir` whenever its record changes, until the run has ended (or its process is gone) and MLflow has it all."
     run_dir, t0, tr = Path(run_dir), time.time(), {}
-    _mlflow(cfg)
+    _warm_up(cfg)
     while time.time() - t0 < timeout:
         if not (run_dir / "run.json").exists(): raise NotFound(f"run folder {run_dir} is gone; nothing to sync")
         rec = _read_json(run_dir / "run.json", {})
@@ -381,13 +576,57 @@ def follow_run(cfg: Config, run_dir: Path | str, poll: float = 0.2, timeout: flo
         time.sleep(poll)
     raise TrackingError(f"run {run_dir.name} did not end within {timeout:g} s; `mlnb sync {run_dir.name}` logs it later")
 
-def spawn_sync(cfg: Config, run_dir: Path | str, follow: bool = True) -> subprocess.Popen:
+def spawn_sync(cfg: Config, run_dir: Path | str, follow: bool = True,
+               later: bool = False, # at low priority, once this process has exited (5 s at most): what nobody waits for yields to what they do
+              ) -> subprocess.Popen:
     "Sync a run folder to MLflow from a detached process (following the run while it goes on)."
     log = Path(run_dir) / "tracking.log"
-    args = [sys.executable, "-c", "from mlnb.cli import main; main()", "--project", str(cfg.root), "sync", Path(run_dir).name]
+    boot = "from mlnb.cli import main; main()"
+    if later: boot = f"import os, time\nos.nice(10); t = time.time()\nwhile os.getppid() == {os.getpid()} and time.time() - t < 5: time.sleep(0.05)\n{boot}"
+    args = [sys.executable, "-c", boot, "--project", str(cfg.root), "sync", Path(run_dir).name]
     with open(log, "ab") as out:
         return subprocess.Popen(args + (["--follow"] if follow else []), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=cfg.root)
+
+class _Follower:
+    "Sync a run folder from a thread of the engine's own process as its record changes; `wait` makes the last sync, as for a process."
+    def __init__(self, cfg: Config, run_dir: Path | str, pages: bool, poll: float = 0.1):
+        import threading
+        self.cfg, self.run_dir, self.pages, self.poll = cfg, Path(run_dir), pages, poll
+        self.code, self.ended, self.wake, self.summary = None, False, threading.Event(), "synced"
+        self.thread = threading.Thread(target=self._follow, daemon=True, name="mlnb-tracking"); self.thread.start()
+    def _follow(self):
+        warm, seen = not self.pages, None
+        try:
+            while True:
+                ended = self.ended  # read before the record: once set, the record read next is the run's last
+                rec = _read_json(self.run_dir / "run.json", {})
+                stages = rec.get("stages", {}).values()
+                if not warm and any(s.get("status") == "running" for s in stages):
+                    warm = True; _warm_up(self.cfg)  # while the first stage executes, not when its page is due
+                now = [(s.get("status"), s.get("attempt")) for s in stages if s.get("status") in ("done", "cached", "failed")]
+                if rec and (ended or now != seen):  # a stage ended: log it (the queued and running states in between are not waited for)
+                    sync_run(self.cfg, self.run_dir, pages=self.pages); seen = now
+                if ended: break
+                self.wake.wait(self.poll); self.wake.clear()
+            if _read_json(self.run_dir / "tracking.json", {}).get("pages"):  # rendered by a process of their own, after this one returns
+                spawn_sync(self.cfg, self.run_dir, follow=False, later=True)
+                self.summary = f"synced; the notebooks' HTML pages follow in the background (`mlnb sync {self.run_dir.name}` waits for them)"
+            self.code = 0
+        except Exception as e:
+            self.code = 1
+            with open(self.run_dir / "tracking.log", "a") as f: f.write(f"{type(e).__name__}: {e}\n")
+    def wait(self, timeout: float | None = None) -> int | None:
+        "Make the last sync of the ended run; 0 when MLflow has it, 1 when a sync failed (`tracking.log` says why)."
+        self.ended = True; self.wake.set(); self.thread.join(timeout)
+        if self.thread.is_alive(): raise subprocess.TimeoutExpired("mlnb sync", timeout)
+        return self.code
+
+def start_sync(cfg: Config, run_dir: Path | str,
+               pages: bool = True, # render the notebooks' HTML pages before the last sync ends (False: a process of their own does, after)
+              ):
+    "Follow a run into MLflow while it goes on: from a thread when mlnb writes the store itself, else from a detached process."
+    return _Follower(cfg, run_dir, pages) if _direct_runs(cfg) else spawn_sync(cfg, run_dir)
 
 # %% ../nbs/04_tracking.ipynb #a99cc570
 def check_trusted(found: list, trusted: list, what: str = "the model"):

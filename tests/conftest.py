@@ -37,6 +37,81 @@ def reference_project(d):
     return d
 
 
+# Modules whose tests share one project (a module fixture) and build on each other in order: with pytest-xdist (`-n`),
+# one worker runs each of these modules whole; every other test goes to whichever worker is free.
+ONE_WORKER = ("test_reference.py", "test_registry.py", "test_serving.py", "test_trust_registry.py")
+# Modules of long tests that make projects of their own: handed out between the modules above, so that while one worker
+# waits for the session's reference run (which those modules start from) the other has long work that does not.
+LONG_ALONE = ("test_new.py", "test_monitor.py")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist already keeps every core busy: OpenMP threads in each worker's stages (scikit-learn's training) would only
+    # oversubscribe them and spin. The benchmarks under bench/ run without this.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's `loadscope` scheduling with a scope per module of ONE_WORKER and a scope per test elsewhere. (xdist's own
+    `--dist loadgroup` does this with marks, but silently stops grouping on pytest 9.2: pytest-xdist#1386.) The shared
+    modules go first, each followed by a test of LONG_ALONE, then the rest in order."""
+    from collections import OrderedDict
+    from xdist.scheduler import LoadScopeScheduling
+    module = lambda scope: Path(scope.split("::", 1)[0]).name
+    class ModulesTogether(LoadScopeScheduling):
+        ordered = False
+        def _split_scope(self, nodeid):
+            return nodeid.split("::", 1)[0] if module(nodeid) in ONE_WORKER else nodeid
+        def _assign_work_unit(self, node):
+            if not self.ordered:  # the first call, right after the queue is made: order it once
+                self.ordered = True
+                shared = [s for s in self.workqueue if module(s) in ONE_WORKER]
+                long = [s for s in self.workqueue if module(s) in LONG_ALONE]
+                order = [s for pair in zip(shared, long) for s in pair] + shared[len(long):] + long[len(shared):]
+                order += [s for s in self.workqueue if s not in set(order)]
+                self.workqueue = OrderedDict((s, self.workqueue[s]) for s in order)
+            super()._assign_work_unit(node)
+    return ModulesTogether(config, log)
+
+
+def _shared(tmp_path_factory, name: str, make):
+    """`make(folder)` once per test session, even with pytest-xdist's workers: the first worker to get here makes it, under a
+    file lock, and writes what it returns (JSON) beside it; the others read that. Without xdist, simply once."""
+    import fcntl
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"): base = base.parent  # xdist: one base folder per worker, under the session's
+    root = base / f"shared-{name}"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "made.json"
+        if not done.exists():
+            out = make(root / "made")
+            done.write_text(json.dumps(out))
+        return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """The reference pipeline run once per test session (`mlnb run --jobs 2` in a copy of the reference project), and a
+    pristine copy of the cache it left, taken before any test touches the project: (project, run record, cache folder)."""
+    def make(d):
+        d = reference_project(d)
+        first = run_json(d, "run", "--jobs", "2", timeout=600)
+        shutil.copytree(d / ".mlnb" / "cache", d.parent / "cache")  # real copies: a test that changes its products changes only its own
+        return [str(d), first, str(d.parent / "cache")]
+    d, first, cache = _shared(tmp_path_factory, "reference", make)
+    return Path(d), first, Path(cache)
+
+
+def reference_project_reusing(d, reference_run):
+    """A reference project in `d` whose cache starts as the session's reference run left it: its first `mlnb run` reuses
+    every stage's products (same code, parameters and data, so the same cache keys) but registers its model in this
+    project's own MLflow store (the cached register stage's version is not in it, so the stage runs again)."""
+    d = reference_project(d)
+    shutil.copytree(reference_run[2], d / ".mlnb" / "cache")
+    return d
+
+
 def run_json(project, *args, **kw):
     p = run_mlnb(project, *args, "--json", check=0, **kw)
     return json.loads(p.stdout)

@@ -113,6 +113,7 @@ def deterministic_project(project):
     git(project, "init", "-q"); git(project, "add", "-A"); git(project, "commit", "-qm", "a deterministic pipeline")
 
 
+@pytest.mark.slow
 def test_reproduce_a_deterministic_run(project):
     deterministic_project(project)
     rec = run_json(project, "run", "-p", "C=0.25")

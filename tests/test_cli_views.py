@@ -1,7 +1,9 @@
 "status, show and inspect: what a person and a machine read about runs and stages."
+import pytest
 from conftest import run_json, run_mlnb
 
 
+@pytest.mark.slow
 def test_status_show_inspect(chain):
     assert "no runs yet" in run_mlnb(chain, "status", check=0).stdout
     first = run_json(chain, "run")

@@ -1,5 +1,6 @@
 "`mlnb contract`: inferred ranges a person agrees with, widened only on purpose; columns left out by option or by the contract."
 import math
+import pytest
 from pathlib import Path
 import pandas as pd
 import yaml
@@ -48,6 +49,7 @@ def test_a_scikit_learn_table_gets_the_ages_it_has(project, tmp_path):
     assert ranges(tmp_path / "d.yaml")["age"] == (df.age.min(), df.age.max()) == (19.0, 79.0)
 
 
+@pytest.mark.slow
 def test_check_leaves_out_columns_by_option_or_by_the_contract(tmp_path):
     d = reference_project(tmp_path / "proj")
     rec = run_json(d, "run", "--only", "ingest", timeout=600)

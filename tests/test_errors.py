@@ -1,5 +1,6 @@
 "Bad input through the real CLI: one line on stderr naming what was wrong and what would be accepted, and the exit code."
 import json
+import pytest
 from conftest import MLNB, add_stage, run_mlnb
 import subprocess
 
@@ -105,6 +106,7 @@ def test_verbose_shows_traceback(chain):
     assert "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("mlnb: error:")
 
 
+@pytest.mark.slow
 def test_unsaveable_product_and_missing_product_name_what_is_accepted(project):
     add_stage(project, "a", "upstream = []", "from mlnb import stage\nstage.save('s', {1, 2})")
     msg = error_line(run_mlnb(project, "run", check=1))

@@ -4,7 +4,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import reference_project, MLNB, ROOT, run_json, run_mlnb
+from conftest import reference_project_reusing, MLNB, ROOT, run_json, run_mlnb
 
 from mlnb.data import generate_transactions, FEATURES, CATEGORICAL
 from mlnb.errors import ValidationError
@@ -61,10 +61,10 @@ def free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # three pipeline runs (the first, a retraining the gates refuse, one they pass) on a shared machine
-def test_full_loop_serve_simulate_monitor_retrain(tmp_path):
-    d = tmp_path / "proj"; d.mkdir()
-    reference_project(d)
+def test_full_loop_serve_simulate_monitor_retrain(tmp_path, reference_run):
+    d = reference_project_reusing(tmp_path / "proj", reference_run)
     run_json(d, "run", "--jobs", "2", timeout=600)
     built = run_json(d, "build", timeout=300)
     port = free_port()

@@ -31,6 +31,7 @@ def test_cold_then_fully_reused(chain):
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
 
 
+@pytest.mark.slow
 def test_code_edit_reruns_stage_and_downstream_only(chain):
     run_json(chain, "run")
     edit_cell(chain / "pipeline/b.ipynb", 1, "from mlnb import stage\nx = stage.load('nums')['n'] * factor * 10\nstage.save('doubled', {'x': x})")
@@ -69,6 +70,7 @@ def test_rerun_with_same_product_bytes_does_not_invalidate_downstream(project):
     assert statuses(rec) == {"a": "done", "b": "cached"}
 
 
+@pytest.mark.slow
 def test_only_from_and_force(chain):
     run_json(chain, "run")
     assert statuses(run_json(chain, "run", "--only", "b")) == {"a": "cached", "b": "done", "c": "not run"}
@@ -81,6 +83,7 @@ def test_only_without_upstream_products_says_what_to_do(chain):
     assert "stage 'a' has no products to reuse; run it first" in p.stderr
 
 
+@pytest.mark.slow
 def test_failing_stage_then_resume(chain):
     add_stage(chain, "b", "upstream = ['a']\nfactor = 2", "from mlnb import stage\nx = 1", "raise ValueError('factor is wrong')")
     p = run_mlnb(chain, "run", check=1)
@@ -114,6 +117,7 @@ def test_resume_without_failed_run_is_a_clear_error(chain):
     assert "no failed or interrupted run to resume" in p.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_resumable_run(project):
     add_stage(project, "a", "upstream = []", "from mlnb import stage\nstage.save('v', {'v': 1})")
     add_stage(project, "slow", "upstream = ['a']\nseconds = 60", "import time\ntime.sleep(seconds)", "from mlnb import stage\nstage.save('done', {'ok': True})")
@@ -158,6 +162,7 @@ def test_a_stage_queued_behind_the_pool_still_runs(project):
     assert statuses(run_json(project, "run")) == {"root": "done", "left": "done", "right": "done"}
 
 
+@pytest.mark.slow
 def test_stage_timeout(project):
     add_stage(project, "sleepy", "upstream = []", "import time\ntime.sleep(120)")
     t0 = time.time()
@@ -166,6 +171,7 @@ def test_stage_timeout(project):
     assert "stage 'sleepy' failed" in p.stderr and "timeout of 3 s" in p.stderr
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_do_not_corrupt_each_other(chain):
     procs = [subprocess.Popen([*MLNB, "--project", str(chain), "run", "--json", "--wait-tracking"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -181,6 +187,7 @@ def test_two_runs_at_once_do_not_corrupt_each_other(chain):
     assert statuses(run_json(chain, "run")) == {"a": "cached", "b": "cached", "c": "cached"}
 
 
+@pytest.mark.slow
 def test_stage_notebook_runs_unchanged_outside_a_pipeline(chain):
     "What JupyterLab does: run the notebook with its defaults and no injected context; it reads the products of the last finished run."
     first = run_json(chain, "run")

@@ -23,6 +23,7 @@ def fan_out(project, slow=11):
     add_stage(project, "quick", "upstream = ['root']", "import time\ntime.sleep(1)", "from mlnb import stage\nstage.save('q', {'q': 1})")
 
 
+@pytest.mark.slow
 def test_plain_lines_off_a_terminal_and_notebooks_jupyterlab_opens(project):
     "Off a terminal (CI, pipes): numbered stage lines, a `still running` line for a long stage, no control characters; the printed notebooks open."
     fan_out(project)

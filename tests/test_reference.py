@@ -2,16 +2,17 @@
 import json, shutil
 from pathlib import Path
 import pytest
-from conftest import reference_project, ROOT, run_json, run_mlnb, statuses
+from conftest import ROOT, run_json, run_mlnb, statuses
+
+pytestmark = pytest.mark.slow  # one project built up test after test: a registered model, a bento, a served service
 
 STAGES = {"ingest", "validate", "features", "train", "evaluate", "gate", "register"}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reference")
-    reference_project(d)
-    first = run_json(d, "run", "--jobs", "2", timeout=600)
+def reference(reference_run):
+    "The session's one run of the reference pipeline (conftest.reference_run): every stage executed, in its own project."
+    d, first, _ = reference_run
     return d, first
 
 

@@ -2,16 +2,17 @@
 import json, shutil
 from pathlib import Path
 import pytest
-from conftest import git, reference_project, ROOT, run_json, run_mlnb, statuses
+from conftest import git, reference_project_reusing, ROOT, run_json, run_mlnb, statuses
+
+pytestmark = pytest.mark.slow  # one project built up test after test: a registered model, a bento, a served service
 
 SMALL: list = []  # the full reference data: fairness gates need enough positives per group
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    d = tmp_path_factory.mktemp("registry")
-    reference_project(d)
-    return d
+def project(tmp_path_factory, reference_run):
+    "The reference project with no model yet; its cache starts as the session's reference run left it."
+    return reference_project_reusing(tmp_path_factory.mktemp("registry"), reference_run)
 
 
 def models(d):

@@ -3,7 +3,9 @@ import json, os, re, shutil, socket, subprocess, sys, threading, time
 from pathlib import Path
 import httpx
 import pytest
-from conftest import reference_project, MLNB, ROOT, run_json, run_mlnb
+from conftest import reference_project_reusing, MLNB, ROOT, run_json, run_mlnb
+
+pytestmark = pytest.mark.slow  # one project built up test after test: a registered model, a bento, a served service
 
 from mlnb.data import generate_transactions, FEATURES
 
@@ -14,10 +16,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, reference_run):
     "The reference project: v1 champion, v2 challenger (manual promotion), a bento of v1 served with 30% canary traffic."
-    d = tmp_path_factory.mktemp("serving")
-    reference_project(d)
+    d = reference_project_reusing(tmp_path_factory.mktemp("serving"), reference_run)
     run_json(d, "run", "--jobs", "2", timeout=600)
     run_json(d, "run", "-p", "learning_rate=0.1", env={"MLNB_PROMOTION": "manual"}, timeout=600)
     built = run_json(d, "build", timeout=300)

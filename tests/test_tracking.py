@@ -1,5 +1,6 @@
 "What a pipeline run leaves in MLflow (a real SQLite store in the test's folder)."
 import json, subprocess
+import pytest
 from pathlib import Path
 from conftest import add_stage, run_json, run_mlnb
 
@@ -67,3 +68,77 @@ def test_failed_run_is_recorded_failed(chain):
     b = [r for r in runs if r.data.tags.get("mlnb.stage") == "b"][0]
     assert b.info.status == "FAILED" and "RuntimeError: boom" in b.data.tags["mlnb.error"]
     assert sorted(f.path for f in c.list_artifacts(b.info.run_id, "notebooks")) == ["notebooks/b.html", "notebooks/b.ipynb"]
+
+
+# --- the direct path: mlnb writes MLflow's SQLite store itself -------------------------------------------------------
+
+def _store(d, name="test"):
+    "A fresh MLflow SQLite store in `d` with the project's experiment, made by MLflow itself."
+    from mlflow import MlflowClient
+    d.mkdir(parents=True)
+    uri = f"sqlite:///{d}/mlflow.db"
+    MlflowClient(uri, uri).create_experiment(name, artifact_location=(d / "artifacts").as_uri(), tags={"mlflow.experimentKind": "custom_model_development"})
+    return uri
+
+
+def _read_back(uri):
+    "Everything MLflow's client and `mlflow.search_runs` return about the experiment's runs, without ids that differ per store."
+    import mlflow
+    from mlflow import MlflowClient
+    c = MlflowClient(uri, uri)
+    exp = c.get_experiment_by_name("test")
+    runs = c.search_runs([exp.experiment_id])
+    key = {r.info.run_id: r.data.tags.get("mlnb.stage", "pipeline") for r in runs}
+    def files(run_id, path=None):
+        out = []
+        for f in c.list_artifacts(run_id, path):
+            out += files(run_id, f.path) if f.is_dir else [(f.path, f.file_size)]
+        return out
+    out = {}
+    for r in runs:
+        tags = dict(r.data.tags)
+        if "mlflow.parentRunId" in tags: tags["mlflow.parentRunId"] = key[tags["mlflow.parentRunId"]]
+        assert r.info.artifact_uri == f"{exp.artifact_location}/{r.info.run_id}/artifacts"
+        out[key[r.info.run_id]] = {
+            "info": (r.info.run_name, r.info.status, r.info.start_time, r.info.end_time, r.info.lifecycle_stage, r.info.user_id),
+            "params": r.data.params, "metrics": r.data.metrics, "tags": tags, "files": sorted(files(r.info.run_id)),
+            "history": {k: [(m.value, m.step) for m in c.get_metric_history(r.info.run_id, k)] for k in r.data.metrics}}
+    mlflow.set_tracking_uri(uri)
+    df = mlflow.search_runs(experiment_names=["test"]).drop(columns=["run_id", "experiment_id", "artifact_uri", "tags.mlflow.parentRunId"])
+    return out, df.sort_values("tags.mlflow.runName").reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_a_run_written_directly_reads_back_as_mlflow_writes_it(chain, tmp_path):
+    import dataclasses, sys
+    from mlnb import tracking
+    from mlnb.config import load_config
+    run_json(chain, "run")  # a new store: MLflow creates it and the experiment (through the detached follower)
+    rec = run_json(chain, "run", "--force", "-p", "factor=5")  # the store is known now: written from the run's own process
+    assert rec["tracking"].startswith("synced; the notebooks' HTML pages follow in the background"), rec["tracking"]
+    c = client(chain)
+    runs = runs_of(c, rec["run_id"])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}, "the run is in MLflow when `mlnb run` returns"
+    a = [r for r in runs if r.data.tags.get("mlnb.stage") == "a"][0]
+    assert [f.path for f in c.list_artifacts(a.info.run_id, "notebooks")] in (["notebooks/a.ipynb"], ["notebooks/a.html", "notebooks/a.ipynb"])
+    run_mlnb(chain, "sync", rec["run_id"], check=0)  # waits for the pages
+    assert sorted(f.path for f in c.list_artifacts(a.info.run_id, "notebooks")) == ["notebooks/a.html", "notebooks/a.ipynb"]
+    assert len(runs_of(c, rec["run_id"])) == 4
+
+    # the same run folder logged into two new stores: by mlnb's own writes (in a process that must not import mlflow) and by MlflowClient
+    cfg, run_dir = load_config(chain), chain / ".mlnb" / "runs" / rec["run_id"]
+    direct, slow = _store(tmp_path / "direct"), _store(tmp_path / "client")
+    (run_dir / "tracking.json").unlink()
+    code = ("import sys; from mlnb import tracking; from mlnb.config import load_config; cfg = load_config(sys.argv[1]); "
+            "assert tracking._direct_runs(cfg); tracking.sync_run(cfg, sys.argv[2]); tracking.sync_run(cfg, sys.argv[2]); "
+            "assert 'mlflow' not in sys.modules and 'sqlalchemy' not in sys.modules, 'the direct path imported mlflow'")
+    p = subprocess.run([sys.executable, "-c", code, str(chain), str(run_dir)], capture_output=True, text=True, env={**__import__("os").environ, "MLNB_TRACKING_URI": direct})
+    assert p.returncode == 0, p.stderr
+    (run_dir / "tracking.json").unlink()
+    tracking.sync_run(dataclasses.replace(cfg, tracking_uri=slow), run_dir, client=True)
+    fast, fast_df = _read_back(direct)
+    ref, ref_df = _read_back(slow)
+    assert set(ref) == {"pipeline", "a", "b", "c"} and ref["a"]["params"] == {"n": "3"} and ref["b"]["params"] == {"factor": "5"}
+    for k in ref: assert fast[k] == ref[k], k
+    import pandas as pd
+    pd.testing.assert_frame_equal(fast_df, ref_df)

@@ -1,6 +1,7 @@
 """The engine under bad luck and tampering (issue 10): a run always ends, nothing reused is trusted blindly, the registry is
 the truth, and a resumed run keeps its options and its history. Real kernels, real papermill, the real CLI."""
 import json, os, signal, subprocess, time
+import pytest
 from pathlib import Path
 from conftest import MLNB, add_stage, run_json, run_mlnb, statuses
 from mlnb.pipeline import KILL_GRACE
@@ -75,6 +76,7 @@ def test_a_killed_kernel_fails_its_stage_within_seconds(project):
     assert not [p for p in (project / ".mlnb/cache/train").iterdir()], "no half product left behind"
 
 
+@pytest.mark.slow
 def test_the_timeout_escalates_and_a_caught_interrupt_is_not_done(project):
     "One interrupt at the timeout let a cell that catches KeyboardInterrupt run on and count as done."
     add_stage(project, "stubborn", "upstream = []", STUBBORN, "from mlnb import stage\nstage.save('x', {'x': 1})")
@@ -123,6 +125,7 @@ def test_a_second_ctrl_c_kills_at_once(project):
     assert (project / ".mlnb/runs" / rec["run_id"] / "notebooks/stubborn.ipynb").exists()
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_ends_a_stubborn_stage_after_the_grace_and_the_run_resumes(project):
     code, err, took, rec = interrupt(project, 1)
     assert code == 130, err
@@ -144,6 +147,7 @@ def data_chain(project):
               "from mlnb import stage\ndf = stage.load('train')\nstage.save('fit', {'mean': float(df['x'].mean()), 'rows': len(df)})")
 
 
+@pytest.mark.slow
 def test_a_corrupt_cached_product_is_not_reused(project):
     "64 flipped bytes in a cached train.parquet gave '0 ran, 7 reused'; now the stage runs again and the run says why."
     data_chain(project)
@@ -164,6 +168,7 @@ def test_a_corrupt_cached_product_is_not_reused(project):
     assert statuses(run_json(project, "run")) == {"ingest": "cached", "train": "cached"}
 
 
+@pytest.mark.slow
 def test_only_reruns_a_corrupt_upstream_instead_of_reading_it(project):
     "A later `--only train` trained on the corrupt file."
     data_chain(project)
@@ -192,6 +197,7 @@ def test_stage_load_refuses_a_product_changed_under_it(project):
     assert "it changed after its stage wrote it, so it was not read" in lines[0]
 
 
+@pytest.mark.slow
 def test_skops_types_come_from_the_reviewed_list_not_from_products_json(project):
     "products.json's `trusted` list is a file anyone could edit: a model holding a type nobody reviewed is refused."
     add_stage(project, "train", "upstream = []",
@@ -213,6 +219,7 @@ def test_skops_types_come_from_the_reviewed_list_not_from_products_json(project)
     assert json.loads((Path(rec["stages"]["evaluate"]["entry"]) / "y.json").read_text()) == {"y": -2.0}
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_cleaned(project):
     "kill -9 of `mlnb run` left its stage's private .tmp-* folder behind for ever."
     add_stage(project, "slow", "upstream = []", "from mlnb import stage\nstage.save('half', {'x': 1})",
@@ -241,6 +248,7 @@ def test_leftovers_of_a_killed_run_are_cleaned(project):
 
 # --- the registry is the truth -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_cached_register_stage_whose_version_was_lost_runs_again(project):
     "After mlflow.db was lost, the next run reused the cached register stage: the registry stayed empty with rc 0."
     from mlnb import tracking
@@ -262,6 +270,7 @@ def test_a_cached_register_stage_whose_version_was_lost_runs_again(project):
 
 # --- a resumed run keeps its options and its history ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_of_a_forced_run_keeps_force_and_history(chain):
     "`--resume` of a `--force` run dropped `--force` and rewrote the run's record so it read '0 ran, 7 reused'."
     run_json(chain, "run")

@@ -3,6 +3,8 @@ import json, os, shutil, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 
+pytestmark = pytest.mark.slow  # one project built up test after test: a registered model, a bento, a served service
+
 from conftest import run_mlnb, run_json
 
 REGISTER = textwrap.dedent("""\
