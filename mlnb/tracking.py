@@ -290,6 +290,7 @@ _RUN_REVISIONS = {"dc11669786a5"}  # MLflow 3.17's schema; a store at another re
 def _direct_runs(cfg: Config) -> str | None:
     "The SQLite file mlnb writes the project's runs into itself, or None (then `MlflowClient` does)."
     import sqlite3
+    if cfg.tracking_uri.startswith("sqlite:///") and not os.path.exists(cfg.tracking_uri[len("sqlite:///"):]): _store_from_template(cfg)
     path = _sqlite_store(cfg.tracking_uri)
     if path is None: return None
     try:
@@ -300,9 +301,72 @@ def _direct_runs(cfg: Config) -> str | None:
                                       and {r[0] for r in db.execute("SELECT version_num FROM alembic_version")} <= _RUN_REVISIONS)
             if not _SCHEMA_KNOWN[key]: return None
             exp = db.execute("SELECT artifact_location, lifecycle_stage FROM experiments WHERE workspace = 'default' AND name = ?",
-                             (cfg.experiment,)).fetchone()
+                             (cfg.experiment,)).fetchone() or _new_experiment(db, cfg)
     except (OSError, sqlite3.Error): return None
     return path if exp and exp[1] == "active" and _local(exp[0]) is not None else None
+
+def _new_experiment(db, cfg: Config) -> tuple | None:
+    "The project's experiment made as `_experiment_id` makes it through `MlflowClient.create_experiment`, as rows of the known schema."
+    import sqlite3
+    now, loc = int(time.time() * 1000), (cfg.root / cfg.artifact_root).resolve().as_uri()
+    try:
+        with db:
+            cur = db.execute("INSERT INTO experiments (name, artifact_location, lifecycle_stage, creation_time, last_update_time, workspace) "
+                             "VALUES (?, ?, 'active', ?, ?, 'default')", (cfg.experiment, loc, now, now))
+            db.execute("INSERT INTO experiment_tags (key, value, experiment_id) VALUES (?, ?, ?)", (EXPERIMENT_KIND, "custom_model_development", cur.lastrowid))
+    except sqlite3.IntegrityError: pass  # another process made it meanwhile
+    return db.execute("SELECT artifact_location, lifecycle_stage FROM experiments WHERE workspace = 'default' AND name = ?", (cfg.experiment,)).fetchone()
+
+def _template_path() -> Path | None:
+    "Where a new, empty store made by the installed MLflow is kept (the user's cache folder, one file per MLflow version)."
+    from importlib.metadata import version, PackageNotFoundError
+    try: v = version("mlflow")
+    except PackageNotFoundError: return None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlnb" / f"mlflow-{v}-new-store.db"
+
+def _new_store_as_mlflow_leaves_it(db) -> bool:
+    "Whether `db` is an MLflow store just as MLflow makes it: the schema mlnb knows, its Default experiment and workspace, no other row."
+    if {r[0] for r in db.execute("SELECT version_num FROM alembic_version")} != _RUN_REVISIONS: return False
+    if not all(cols <= {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t, cols in {**_RUN_TABLES, **_REGISTRY_TABLES}.items()): return False
+    if db.execute("SELECT experiment_id, name FROM experiments").fetchall() != [(0, "Default")]: return False
+    if [r[0] for r in db.execute("SELECT name FROM workspaces")] != ["default"]: return False
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return not any(db.execute(f'SELECT 1 FROM "{t}" LIMIT 1').fetchone() for t in tables if t not in ("alembic_version", "experiments", "workspaces"))
+
+def _store_from_template(cfg: Config) -> bool:
+    """Make a project's new SQLite store as a copy of the empty store the installed MLflow made once (`_keep_template`), instead
+    of running MLflow's schema migrations again for every new project (seconds each); False, leaving it to MLflow, if there is
+    no such copy or it is not exactly what MLflow makes. The Default experiment points where MLflow would point it."""
+    import shutil, sqlite3
+    tpl, path = _template_path(), Path(cfg.tracking_uri[len("sqlite:///"):])
+    if tpl is None or not tpl.is_file(): return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tpl, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as db:
+            if not _new_store_as_mlflow_leaves_it(db): return False
+            with db: db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(cfg.root / "mlruns" / "0"),))
+        os.link(tmp, path)  # never over a store that appeared meanwhile: that one stands
+        return True
+    except FileExistsError: return True
+    except (OSError, sqlite3.Error): return False
+    finally: tmp.unlink(missing_ok=True)
+
+def _keep_template():
+    "Keep an empty store made by the installed MLflow in the user's cache, once per MLflow version, for `_store_from_template`."
+    import sqlite3, tempfile
+    tpl = _template_path()
+    if tpl is None or tpl.exists(): return
+    try:
+        tpl.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tpl.parent) as d:
+            db = Path(d) / "mlflow.db"
+            import mlflow
+            mlflow.tracking.MlflowClient(f"sqlite:///{db}").search_experiments()  # MLflow makes its schema and Default experiment
+            with contextlib.closing(sqlite3.connect(db)) as c: ok = _new_store_as_mlflow_leaves_it(c)
+            if ok: os.replace(db, tpl)
+    except Exception: pass  # only a speed-up: the next new project's store is made by MLflow again
 
 class _SqlRuns(_SqlRegistry):
     "A pipeline run's MLflow writes, as rows of MLflow's SQLite store (the registry's too: lineage tags on versions)."
@@ -432,6 +496,7 @@ def _runs(cfg: Config, client: bool = False):
     path = None if client else _direct_runs(cfg)
     if path is None:
         with _client(cfg) as c: yield _ClientRuns(c, cfg)
+        if not client and cfg.tracking_uri.startswith("sqlite:///"): _keep_template()  # mlflow is imported now: the next new project need not
         return
     store = _SqlRuns(path, cfg)
     try:

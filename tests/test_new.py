@@ -19,6 +19,8 @@ def installed(tmp_path_factory):
     wheel = next(d.glob("mlnb-*.whl"))
     site = d / "site"
     with zipfile.ZipFile(wheel) as z: z.extractall(site)
+    import compileall
+    compileall.compile_dir(site, quiet=1)  # as pip does when it installs a wheel
     assert (site / "mlnb" / "scaffold.py").exists() and not (site / "nbs").exists()
     return site
 

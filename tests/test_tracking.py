@@ -113,7 +113,7 @@ def test_a_run_written_directly_reads_back_as_mlflow_writes_it(chain, tmp_path):
     import dataclasses, sys
     from mlnb import tracking
     from mlnb.config import load_config
-    run_json(chain, "run")  # a new store: MLflow creates it and the experiment (through the detached follower)
+    run_json(chain, "run")  # a new store (made by MLflow, or a copy of the empty store MLflow made once: the next test)
     rec = run_json(chain, "run", "--force", "-p", "factor=5")  # the store is known now: written from the run's own process
     assert rec["tracking"].startswith("synced; the notebooks' HTML pages follow in the background"), rec["tracking"]
     c = client(chain)
@@ -142,3 +142,42 @@ def test_a_run_written_directly_reads_back_as_mlflow_writes_it(chain, tmp_path):
     for k in ref: assert fast[k] == ref[k], k
     import pandas as pd
     pd.testing.assert_frame_equal(fast_df, ref_df)
+
+
+@pytest.mark.slow
+def test_a_new_projects_store_is_a_copy_of_the_empty_store_mlflow_made(tmp_path):
+    """The first new project's store is made by MLflow (its schema migrations take seconds), which is kept once per MLflow
+    version in the user's cache; the next new project's store is a copy of it, which MLflow reads as its own, and its first
+    run is written from the run's own process. A kept copy that holds anything but what MLflow makes is not used."""
+    import sqlite3
+    from mlflow import MlflowClient
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    def new(name):
+        d = tmp_path / name; (d / "pipeline").mkdir(parents=True)
+        (d / "settings.ini").write_text("[mlnb]\npipeline = pipeline\nexperiment = exp\njobs = 1\n")
+        add_stage(d, "a", "upstream = []\nn = 3", "from mlnb import stage\nstage.save('nums', {'n': n})\nstage.log_metric('n', n)")
+        return d
+    first = run_json(new("first"), "run", env=env)
+    assert first["tracking"] == "synced"  # through MlflowClient, in the follower process
+    kept = list((tmp_path / "cache" / "mlnb").glob("mlflow-*-new-store.db"))
+    assert len(kept) == 1
+    rec = run_json(new("second"), "run", env=env)
+    assert rec["tracking"].startswith("synced; the notebooks' HTML pages follow"), rec["tracking"]  # the run's own process wrote it
+    def schema(d):  # each table's and index's definition as a set of lines: MLflow's migrations order a table's constraints differently each time
+        rows = sqlite3.connect(d / ".mlnb" / "mlflow.db").execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        return sorted((t, n, sorted(line.strip().rstrip(",").strip() for line in (sql or "").splitlines())) for t, n, sql in rows)
+    assert schema(tmp_path / "second") == schema(tmp_path / "first")
+    uri = f"sqlite:///{tmp_path / 'second' / '.mlnb' / 'mlflow.db'}"
+    c = MlflowClient(uri, uri)
+    exps = {e.name: e for e in c.search_experiments()}
+    assert set(exps) == {"Default", "exp"} and exps["exp"].artifact_location == (tmp_path / "second" / ".mlnb" / "artifacts").resolve().as_uri()
+    assert exps["exp"].tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = c.search_runs([exps["exp"].experiment_id], f"tags.`mlnb.run_id` = '{rec['run_id']}'")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    # a kept copy with a row MLflow does not make is not copied: MLflow makes the store
+    with sqlite3.connect(kept[0]) as db:
+        db.execute("INSERT INTO experiments (name, artifact_location, lifecycle_stage, workspace) VALUES ('planted', '/x', 'active', 'default')")
+    third = run_json(new("third"), "run", env=env)
+    assert third["tracking"] == "synced"
+    uri = f"sqlite:///{tmp_path / 'third' / '.mlnb' / 'mlflow.db'}"
+    assert {e.name for e in MlflowClient(uri, uri).search_experiments()} == {"Default", "exp"}
