@@ -19,7 +19,7 @@ def runs_of(c, pipeline_run_id):
 def test_parent_and_nested_runs(chain):
     subprocess.run(["git", "init", "-q"], cwd=chain, check=True)
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"], cwd=chain, check=True)
-    rec = run_json(chain, "run", "-p", "factor=3")
+    rec = run_json(chain, "run", "-p", "factor=3", "--wait-tracking")  # the notebooks' HTML pages too, not a second later
     c = client(chain)
     runs = runs_of(c, rec["run_id"])
     parent = [r for r in runs if r.data.tags.get("mlnb.kind") == "pipeline"]
@@ -59,7 +59,7 @@ def test_parent_and_nested_runs(chain):
 
 def test_failed_run_is_recorded_failed(chain):
     add_stage(chain, "b", "upstream = ['a']", "raise RuntimeError('boom')")
-    run_mlnb(chain, "run", check=1)
+    run_mlnb(chain, "run", "--wait-tracking", check=1)
     c = client(chain)
     exp = c.get_experiment_by_name("test")
     runs = c.search_runs([exp.experiment_id])
