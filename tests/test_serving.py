@@ -43,6 +43,23 @@ def served(tmp_path_factory, reference_run):
     except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
 
 
+def another_server(served, tmp_path, env):
+    "A second `mlnb serve` of the fixture's bento with its own environment, on a free port, once it answers (its output in serve.log)."
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*MLNB, "--project", str(served["project"]), "serve", served["bento"]["tag"], "--port", str(port)], env=env,
+                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200: return proc, url
+        except httpx.HTTPError: pass
+        if proc.poll() is not None: raise AssertionError((tmp_path / "serve.log").read_text())
+        time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    raise AssertionError(f"the second server did not answer within 120 s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+
+
 def records(n, seed=11):
     return generate_transactions(n, seed=seed)[FEATURES].to_dict("records")
 
@@ -248,18 +265,8 @@ def test_metrics_add_up_across_workers(served, tmp_path):
     (tmp_path / "serving.json").write_text(json.dumps(s))
     env = {**os.environ, "MLNB_SERVING_SETTINGS": str(tmp_path / "serving.json"), "MLNB_PREDICTION_LOG": str(tmp_path / "log")}
     env.pop("MLNB_PROJECT", None)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*MLNB, "--project", str(served["project"]), "serve", served["bento"]["tag"], "--port", str(port)], env=env,
-                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc, url = another_server(served, tmp_path, env)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
-            except httpx.HTTPError: pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.5)
         rows = records(60, seed=44)
         def one(r):  # a new connection each: the kernel spreads them over both workers
             return httpx.post(url + "/predict", json=r, timeout=30).status_code
@@ -299,18 +306,8 @@ def test_prediction_log_keeps_every_answer_when_the_server_stops(served, tmp_pat
     from concurrent.futures import ThreadPoolExecutor
     from mlnb.serving import read_prediction_log
     env = {**os.environ, "MLNB_PREDICTION_LOG": str(tmp_path / "log"), "MLNB_RELOAD_INTERVAL": "0", "MLNB_CANARY_SHARE": "0"}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*MLNB, "--project", str(served["project"]), "serve", served["bento"]["tag"], "--port", str(port)], env=env,
-                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc, url = another_server(served, tmp_path, env)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200: break
-            except httpx.HTTPError: pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.5)
         with httpx.Client(base_url=url, timeout=30) as c:
             def one(r):
                 resp = c.post("/predict", json=r)
