@@ -345,7 +345,9 @@ def _store_from_template(cfg: Config) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tpl, tmp)
         with contextlib.closing(sqlite3.connect(tmp)) as db:
-            if not _new_store_as_mlflow_leaves_it(db): return False
+            if not _new_store_as_mlflow_leaves_it(db):
+                tpl.unlink(missing_ok=True)  # not copied again: the next store MLflow makes is kept in its place
+                return False
             with db: db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(cfg.root / "mlruns" / "0"),))
         os.link(tmp, path)  # never over a store that appeared meanwhile: that one stands
         return True

@@ -179,5 +179,6 @@ def test_a_new_projects_store_is_a_copy_of_the_empty_store_mlflow_made(tmp_path)
         db.execute("INSERT INTO experiments (name, artifact_location, lifecycle_stage, workspace) VALUES ('planted', '/x', 'active', 'default')")
     third = run_json(new("third"), "run", env=env)
     assert third["tracking"] == "synced"
+    assert kept[0].exists() and "planted" not in kept[0].read_bytes().decode("latin-1")  # set aside, and a clean one kept again
     uri = f"sqlite:///{tmp_path / 'third' / '.mlnb' / 'mlflow.db'}"
     assert {e.name for e in MlflowClient(uri, uri).search_experiments()} == {"Default", "exp"}
