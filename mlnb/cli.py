@@ -204,11 +204,12 @@ def _progress(console, live: bool | None = None):
 @click.option("-j", "--jobs", type=click.IntRange(1), help="Independent stages run at once.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Per-stage timeout in seconds.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]", help="Continue a failed or interrupted run (default: the last one).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run the stages on a Dask cluster (e.g. tcp://10.0.0.5:8786): each stage a task in a kernel on a worker; the project folder must be on storage every worker reaches. Default: settings executor, dask_scheduler.")
 @click.option("--wait-tracking", is_flag=True, help="Wait for everything MLflow gets: also the executed notebooks' HTML pages (otherwise rendered in the background after the run) and, on a tracking server, a fully reused run's record.")
 @click.option("--artifacts", type=click.Path(file_okay=False), help="Copy the executed notebooks, the run record, the gate report and a Markdown summary here (for CI), also when the run fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.pass_context
-def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, artifacts, as_json):
+def run(ctx, params, only, start, force, jobs, timeout, resume, scheduler, wait_tracking, artifacts, as_json):
     "Run the pipeline: stages whose inputs did not change are reused."
     from rich.console import Console
     from mlnb.errors import StageFailed
@@ -220,7 +221,7 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, a
     try:
         with progress:
             rec = run_pipeline(cfg, RunOptions(overrides=list(params), only=only, start=start, force=force, jobs=jobs,
-                                               timeout=timeout, resume=resume), on_event=progress,
+                                               timeout=timeout, resume=resume, scheduler=scheduler), on_event=progress,
                                sync_tracking=True if wait_tracking else None)
     except StageFailed as e:  # one line: the cell as its author counts it, the notebook where JupyterLab opens it
         raise MlnbError(failure_text(e)) from e
@@ -232,6 +233,8 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, wait_tracking, a
     attempt = rec.get("attempt", 1)
     before = sum(s["status"] == "done" and s.get("in_attempt", attempt) < attempt for s in rec["stages"].values())
     ran = f"{n['done'] - before} ran in this attempt, {before} before it" if attempt > 1 else f"{n['done']} ran"
+    dask = (rec.get("executor") or {}).get("dask") if isinstance(rec.get("executor"), dict) else None
+    if dask: ran += f" on Dask {dask} ({len({s['worker'] for s in rec['stages'].values() if s.get('worker') and s.get('in_attempt') == attempt})} workers)"
     console.print(f"run {rec['run_id']} done: {ran}, {n['cached']} reused in {time.time() - t0:.2f}s; "
                   f"executed notebooks in {rec.get('visible_notebooks') or Path(cfg.state_dir, 'runs', rec['run_id'], 'notebooks')}",
                   highlight=False, soft_wrap=True)

@@ -81,6 +81,8 @@ SETTINGS = {
     "prestart": _S(int, "[0, inf)", "kernels started ahead of the stages that will use them"),
     "stage_timeout": _S(float, "(0, inf)", "seconds a stage may run before it is interrupted"),
     "executed_dir": _S(str, "", "visible folder inside the project where each run's executed notebooks open (DIR/RUN/STAGE.ipynb)"),
+    "executor": _S(str, ("local", "dask"), "where stages run: local kernels, or tasks on a Dask cluster (dask_scheduler)"),
+    "dask_scheduler": _S(str, "", "the Dask scheduler of executor = dask, e.g. tcp://10.0.0.5:8786 (the project folder must be on storage every worker reaches)"),
     # the data, declared once (mlnb.tasks reads them)
     "task": _S(str, ("binary", "multiclass", "regression"), "what the model learns"),
     "target": _S(str, "", "the label column"),

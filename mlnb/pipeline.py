@@ -11,13 +11,13 @@ from pathlib import Path
 from .config import Config
 from .stage import trusted_types
 from .tracking import pid_alive, version_registered  # light: tracking imports mlflow only inside its functions
-from .errors import ConfigError, NotFound, PipelineError, StageFailed, StageTimeout
+from .errors import ConfigError, MlnbError, NotFound, PipelineError, StageFailed, StageTimeout
 
 # %% auto #0
-__all__ = ['WATCH_EVERY', 'KILL_GRACE', 'Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage', 'resolve_params',
-           'env_digest', 'input_digests', 'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id',
-           'KernelPool', 'failure_text', 'RunOptions', 'load_run', 'list_runs', 'verify_entry', 'clean_leftovers',
-           'run_pipeline']
+__all__ = ['WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage',
+           'resolve_params', 'env_digest', 'input_digests', 'cache_key', 'products_digest', 'runs_dir', 'executed_dir',
+           'new_run_id', 'KernelPool', 'failure_text', 'dask_address', 'DaskStages', 'RunOptions', 'load_run',
+           'list_runs', 'verify_entry', 'clean_leftovers', 'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -829,6 +829,158 @@ def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: f
                      "a stage past its timeout is not done", running["index"])
 
 
+# %% ../nbs/05_pipeline.ipynb #0025d
+def dask_address(cfg: Config, scheduler: str | None = None) -> str | None:
+    "The Dask scheduler stages run on (`--scheduler`, else `executor = dask` with `dask_scheduler`), or None for the local executor."
+    executor = str(cfg.get("executor", "local") or "local").strip().lower()
+    if executor not in ("local", "dask"): raise ConfigError(f"executor = {executor!r}; accepted: local, dask")
+    address = scheduler or (cfg.get("dask_scheduler") if executor == "dask" else None)
+    if executor == "dask" and not address:
+        raise ConfigError("executor = dask needs dask_scheduler = tcp://HOST:PORT in settings.ini [mlnb] (or `mlnb run --scheduler ADDRESS`)")
+    if address and not re.match(r"^(tcp|tls|inproc|ucx|ws|wss)://[^/\s]+$", str(address).strip()):
+        raise ConfigError(f"Dask scheduler {address!r}: accepted is an address such as tcp://127.0.0.1:8786")
+    return str(address).strip() if address else None
+
+_WORKER_POOLS: dict = {}  # on a Dask worker: one kernel pool (one zygote) per kernel, folder and environment -> [pool, users, last used]
+_WORKER_LOCK = threading.Lock()
+WORKER_POOL_IDLE = 120.0  # seconds a worker keeps an unused zygote of a project (the next stage of the same run starts faster)
+
+def _worker_pool(kernel: str, cwd: str, env: dict, done: KernelPool | None = None) -> KernelPool | None:
+    "Take a pool for a stage (`done` None), or give one back; pools nobody used for WORKER_POOL_IDLE s, and all but the 4 newest idle ones, are closed."
+    with _WORKER_LOCK:
+        now, closing = time.monotonic(), []
+        if done is not None:
+            for v in _WORKER_POOLS.values():
+                if v[0] is done: v[1] -= 1; v[2] = now
+            got = None
+        else:
+            key = (kernel, cwd, tuple(sorted(env.items())))
+            v = _WORKER_POOLS.setdefault(key, [None, 0, now])
+            if v[0] is None: v[0] = KernelPool(kernel, Path(cwd), env, 0)
+            v[1] += 1; v[2] = now; got = v[0]
+        idle = sorted((v[2], k) for k, v in _WORKER_POOLS.items() if v[1] == 0)
+        for i, (used, k) in enumerate(reversed(idle)):
+            if i >= 4 or now - used > WORKER_POOL_IDLE: closing.append(_WORKER_POOLS.pop(k)[0])
+    for p in closing: threading.Thread(target=p.close, daemon=True).start()
+    return got
+
+def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str, env: dict, timeout: float,
+                events: tuple, claim: str) -> dict:
+    "What a Dask worker runs for one stage: a fresh kernel of its own, papermill, and a report (never an exception, so nothing is retried)."
+    from distributed import Event, get_client, get_worker
+    w = get_worker()
+    me = {"name": str(w.name), "address": w.address, "host": platform.node(), "pid": os.getpid()}
+    try: fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # Dask gave the stage to this worker again because the one running it died: that ends the stage
+        try: was = json.loads(Path(claim).read_text())
+        except (OSError, ValueError): was = {}
+        return {"ok": False, "kind": "died", "worker": was or {"name": "?"}}
+    with os.fdopen(fd, "w") as f: json.dump(me, f)
+    env = {**os.environ, **env}
+    slot = f"{stage.name}-{secrets.token_hex(3)}"
+    pool = _worker_pool(kernel, str(stage.path.parent), env)
+    pool._plan[slot] = stage.imports
+    stop, done = threading.Event(), threading.Event()
+    try: km = pool.take(slot)
+    except MlnbError as e:
+        _worker_pool(kernel, "", {}, done=pool)
+        return {"ok": False, "kind": "error", "error": f"on Dask worker {me['name']}: {e}", "worker": me}
+    client = get_client()  # the worker's: an Event without one cannot be used from the watching thread
+    stop_ev, kill_ev = Event(events[0], client=client), Event(events[1], client=client)
+    def watch():  # the client's Ctrl-C reaches the kernel as it does locally: interrupt, then kill after KILL_GRACE (or at once)
+        while not done.is_set():
+            if stop_ev.is_set(): break
+            done.wait(WATCH_EVERY)
+        if done.is_set(): return
+        stop.set(); _interrupt_kernel(km)
+        end = time.monotonic() + KILL_GRACE
+        while not done.is_set() and time.monotonic() < end and not kill_ev.is_set(): done.wait(WATCH_EVERY)
+        if not done.is_set(): _kill_kernel(km)
+    threading.Thread(target=watch, daemon=True, name=f"mlnb-watch-{stage.name}").start()
+    try:
+        _execute(stage, params, ctx, Path(out_nb), km, timeout, stop)
+        return {"ok": not stop.is_set(), "kind": "interrupted" if stop.is_set() else "done", "worker": me}
+    except StageFailed as e: return {"ok": False, "kind": "failed", "error": e, "worker": me}
+    except KeyboardInterrupt: return {"ok": False, "kind": "interrupted", "worker": me}
+    except Exception as e: return {"ok": False, "kind": "error", "error": f"{type(e).__name__}: {e}", "worker": me}
+    finally:
+        done.set(); pool.release(km)
+        with pool._lock: pool._plan.pop(slot, None)
+        _worker_pool(kernel, "", {}, done=pool)
+
+_FORWARDED = ("MLFLOW_DISABLE_TELEMETRY", "BENTOML_DO_NOT_TRACK", "DO_NOT_TRACK", "OMP_NUM_THREADS")
+
+class DaskStages:
+    "The Dask executor: each stage execution is a task on the cluster's workers, in a kernel of its own there; products and executed notebooks go to the project's state folder, which every worker must reach at the same path."
+    def __init__(self, address: str,   # the scheduler, e.g. tcp://10.0.0.5:8786
+                 run_id: str, kernel: str, env: dict):
+        from distributed import Client, Event
+        self.address, self.kernel = address, kernel
+        self.env = {k: v for k, v in env.items() if k.startswith("MLNB_") or k in _FORWARDED or k == "PYDEVD_DISABLE_FILE_VALIDATION"}
+        try:
+            host, _, port = address.split("://", 1)[1].rpartition(":")
+            if address.startswith("tcp://") and port.isdigit():  # nothing listening: say so now, not after Dask's connect timeout
+                import socket
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            self.client = Client(address, timeout=10, set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"cannot reach the Dask scheduler at {address} (dask_scheduler in settings.ini, or --scheduler): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; start one with `dask scheduler` "
+                              "and `dask worker ADDRESS`, or `mlnb stack up`, or set executor = local") from None
+        self.events = (f"mlnb-stop-{run_id}", f"mlnb-kill-{run_id}")
+        self._stop, self._kill = Event(self.events[0], client=self.client), Event(self.events[1], client=self.client)
+        self._stop.clear(); self._kill.clear()
+
+    def threads(self) -> int:
+        "Stages the cluster runs at once: the sum of its workers' threads (at least 1)."
+        return max(1, sum(w.get("nthreads", 1) for w in self.client.scheduler_info(n_workers=-1)["workers"].values()))
+
+    def _workers(self) -> set:
+        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def run(self, stage: Stage, params: dict, ctx: dict, out_nb: Path, timeout: float, stop: threading.Event) -> dict:
+        "Run `stage` on a worker and wait; returns which worker ran it. Raises `StageFailed` (a worker that died included) or KeyboardInterrupt."
+        claim = Path(ctx["out_dir"]) / ".worker.json"
+        fut = self.client.submit(_stage_task, stage, params, ctx, str(out_nb), self.kernel, self.env, timeout, self.events,
+                                 str(claim), pure=False, key=f"mlnb-{stage.name}-{secrets.token_hex(4)}")
+        from distributed import TimeoutError as DaskTimeout
+        stopping = None
+        try:
+            while True:
+                try: out = fut.result(timeout=WATCH_EVERY * 2); break
+                except (DaskTimeout, TimeoutError): pass
+                if stop.is_set():
+                    stopping = stopping or time.monotonic()
+                    if time.monotonic() - stopping > 2 * KILL_GRACE + 5: raise KeyboardInterrupt
+                    continue
+                try: who = json.loads(claim.read_text())
+                except (OSError, ValueError): continue  # not started yet
+                if who.get("address") not in self._workers():  # Dask would run it again elsewhere: this run says so instead
+                    raise StageFailed(stage.name, None, "WorkerDied", f"Dask worker {who.get('name')} ({who.get('address')}, "
+                                      f"host {who.get('host')}, pid {who.get('pid')}) died while running it", str(out_nb))
+        except BaseException:
+            fut.cancel(); raise
+        if out["kind"] == "died":
+            who = out["worker"]
+            raise StageFailed(stage.name, None, "WorkerDied", f"Dask worker {who.get('name')} ({who.get('address')}, host {who.get('host')}, "
+                              f"pid {who.get('pid')}) died while running it", str(out_nb))
+        if out["kind"] == "failed": raise out["error"]
+        if out["kind"] == "interrupted" or stop.is_set(): raise KeyboardInterrupt
+        if out["kind"] == "error":
+            raise StageFailed(stage.name, None, "WorkerError", out["error"], str(out_nb))
+        claim.unlink(missing_ok=True)  # not a product
+        return out["worker"]
+
+    # what the run loop asks of a kernel pool: kernels start on the workers, so there is nothing to start ahead here
+    def fill(self): pass
+    def forget(self, stage: str): pass
+    def interrupt(self): self._stop.set()
+    def kill(self): self._stop.set(); self._kill.set()
+    def close(self):
+        try: self.client.close(timeout=5)
+        except Exception: pass  # the scheduler may be gone; nothing of the run's is kept there
+
+
 # %% ../nbs/05_pipeline.ipynb #0027
 @dataclass
 class RunOptions:
@@ -837,9 +989,10 @@ class RunOptions:
     only: str | None = None      # run just this stage, reusing its upstream products
     start: str | None = None     # run this stage and everything downstream of it (`--from`)
     force: bool = False          # ignore the cache for the selected stages
-    jobs: int | None = None      # independent stages at once (default: settings)
+    jobs: int | None = None      # independent stages at once (default: settings; on Dask, the cluster's threads)
     timeout: float | None = None # per-stage timeout in seconds (default: settings)
     resume: str | None = None    # run id to continue ("latest" = the last failed or interrupted run)
+    scheduler: str | None = None # a Dask scheduler address: stages run on its workers (default: settings `executor`, `dask_scheduler`)
 
 def _record_path(run_dir: Path) -> Path: return run_dir / "run.json"
 
@@ -874,7 +1027,7 @@ def list_runs(cfg: Config) -> list:
 
 # %% ../nbs/05_pipeline.ipynb #0028
 def _resume_options(opts: RunOptions, prev: dict) -> RunOptions:
-    "The options of the run being resumed. What selects or changes results (`-p`, `--only`, `--from`, `--force`) is the earlier run's; knobs given now (`--jobs`, `--timeout`) win."
+    "The options of the run being resumed. What selects or changes results (`-p`, `--only`, `--from`, `--force`) is the earlier run's; knobs given now (`--jobs`, `--timeout`, `--scheduler`) win."
     was = prev.get("options") or {}
     before = {"-p": list(was.get("overrides") or []), "--only": was.get("only"), "--from": was.get("from"), "--force": bool(was.get("force"))}
     now = {"-p": list(opts.overrides), "--only": opts.only, "--from": opts.start, "--force": opts.force}
@@ -885,7 +1038,8 @@ def _resume_options(opts: RunOptions, prev: dict) -> RunOptions:
             raise ConfigError(f"--resume continues run {prev['run_id']} with the options it started with ({kept}); "
                               f"{show(flag, value)} is not one of them: drop it, or start a new run")
     return RunOptions(overrides=before["-p"], only=before["--only"], start=before["--from"], force=before["--force"],
-                      jobs=opts.jobs or was.get("jobs"), timeout=opts.timeout or was.get("timeout"), resume=opts.resume)
+                      jobs=opts.jobs or was.get("jobs"), timeout=opts.timeout or was.get("timeout"), resume=opts.resume,
+                      scheduler=opts.scheduler or was.get("scheduler"))
 
 class _Run:
     "The mutable state of one pipeline run, written to `run.json` after every change."
@@ -925,7 +1079,7 @@ class _Run:
         self.rec.update(pid=os.getpid(), host=platform.node())
         self.rec.update(status="running", started=prev["started"] if prev else time.time(), ended=None, rev=(prev or {}).get("rev", 0),
                         options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force,
-                                 "jobs": opts.jobs, "timeout": opts.timeout},
+                                 "jobs": opts.jobs, "timeout": opts.timeout, "scheduler": opts.scheduler},
                         params=self.params, git=_git(cfg.root), env_digest=env_digest(cfg.kernel), resumed=bool(prev),
                         attempt=self.attempt, attempts=attempts, visible_notebooks=str(self.shown.relative_to(cfg.root.resolve())))
         def fresh(n):
@@ -1076,10 +1230,19 @@ def run_pipeline(cfg: Config,                       # the project's settings
     run = _Run(cfg, pipeline, opts, on_event)
     opts = run.opts  # a resumed run goes on with the options it started with
     if cleaned: run.rec["cleaned"] = [str(p) for p in cleaned]
-    jobs, timeout = opts.jobs or cfg.jobs, opts.timeout or cfg.stage_timeout
+    timeout = opts.timeout or cfg.stage_timeout
     env = env_digest(cfg.kernel)
     kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # the run's: every stage's kernel gets the same
-    pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, {n: s.imports for n, s in pipeline.stages.items() if n in run.selected})
+    address = dask_address(cfg, opts.scheduler)
+    if address:
+        try: pool = DaskStages(address, run.run_id, cfg.kernel, kenv)
+        except BaseException:
+            run.rec.update(status="failed", ended=time.time()); run.finish("failed"); run.save(); raise
+        run.rec["executor"] = {"dask": address}
+    else:
+        pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, {n: s.imports for n, s in pipeline.stages.items() if n in run.selected})
+        run.rec["executor"] = "local"
+    jobs = opts.jobs or (pool.threads() if address else cfg.jobs)
     digests, entries, failed = {}, {}, []
     seen, refusals = {}, {}  # file digests and verdicts on cache entries, computed once per run
     trusted = trusted_types(cfg)
@@ -1121,6 +1284,15 @@ def run_pipeline(cfg: Config,                       # the project's settings
                "upstream": {u: str(entries[u]) for u in stage.upstream}, "tracking_uri": cfg.tracking_uri,
                "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False, "trusted_types": trusted}
         if stop.is_set(): raise KeyboardInterrupt
+        if address:  # on a worker of the cluster, in a kernel started there
+            nb.unlink(missing_ok=True); started = time.time()
+            run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb),
+                    in_attempt=run.attempt)
+            try: worker = pool.run(stage, run.params[n], ctx, nb, timeout, stop)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True); raise
+            with run.lock: run.rec["stages"][n]["worker"] = worker["name"]
+            return _finish_entry(cfg, run, stage, key, tmp, nb, started), started
         try: km = pool.take(n)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
