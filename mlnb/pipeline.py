@@ -865,7 +865,7 @@ def _worker_pool(kernel: str, cwd: str, env: dict, done: KernelPool | None = Non
     return got
 
 def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str, env: dict, timeout: float,
-                events: tuple, claim: str) -> dict:
+                events: tuple, claim: str, digest: str) -> dict:
     "What a Dask worker runs for one stage: a fresh kernel of its own, papermill, and a report (never an exception, so nothing is retried)."
     from distributed import Event, get_client, get_worker
     w = get_worker()
@@ -876,6 +876,8 @@ def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str,
         except (OSError, ValueError): was = {}
         return {"ok": False, "kind": "died", "worker": was or {"name": "?"}}
     with os.fdopen(fd, "w") as f: json.dump(me, f)
+    if env_digest(kernel) != digest:  # its products would be cached under a key that names the client's environment
+        return {"ok": False, "kind": "env", "worker": me, "error": env_digest(kernel)}
     env = {**os.environ, **env}
     slot = f"{stage.name}-{secrets.token_hex(3)}"
     pool = _worker_pool(kernel, str(stage.path.parent), env)
@@ -914,6 +916,7 @@ class DaskStages:
     "The Dask executor: each stage execution is a task on the cluster's workers, in a kernel of its own there; products and executed notebooks go to the project's state folder, which every worker must reach at the same path."
     def __init__(self, address: str,   # the scheduler, e.g. tcp://10.0.0.5:8786
                  run_id: str, kernel: str, env: dict):
+        self.digest = env_digest(kernel)
         from distributed import Client, Event
         self.address, self.kernel = address, kernel
         self.env = {k: v for k, v in env.items() if k.startswith("MLNB_") or k in _FORWARDED or k == "PYDEVD_DISABLE_FILE_VALIDATION"}
@@ -942,7 +945,7 @@ class DaskStages:
         "Run `stage` on a worker and wait; returns which worker ran it. Raises `StageFailed` (a worker that died included) or KeyboardInterrupt."
         claim = Path(ctx["out_dir"]) / ".worker.json"
         fut = self.client.submit(_stage_task, stage, params, ctx, str(out_nb), self.kernel, self.env, timeout, self.events,
-                                 str(claim), pure=False, key=f"mlnb-{stage.name}-{secrets.token_hex(4)}")
+                                 str(claim), self.digest, pure=False, key=f"mlnb-{stage.name}-{secrets.token_hex(4)}")
         from distributed import TimeoutError as DaskTimeout
         stopping = None
         try:
@@ -964,6 +967,12 @@ class DaskStages:
             who = out["worker"]
             raise StageFailed(stage.name, None, "WorkerDied", f"Dask worker {who.get('name')} ({who.get('address')}, host {who.get('host')}, "
                               f"pid {who.get('pid')}) died while running it", str(out_nb))
+        if out["kind"] == "env":
+            who = out["worker"]
+            raise StageFailed(stage.name, None, "WorkerEnvironment", f"Dask worker {who.get('name')} (host {who.get('host')}) runs another "
+                              f"environment than this machine (env digest {out['error'][:12]} there, {self.digest[:12]} here: Python, "
+                              "packages or mlnb differ), so its products would be cached under a key that does not describe them; "
+                              "install the same locked stack on the workers", str(out_nb))
         if out["kind"] == "failed": raise out["error"]
         if out["kind"] == "interrupted" or stop.is_set(): raise KeyboardInterrupt
         if out["kind"] == "error":
