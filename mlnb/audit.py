@@ -6,11 +6,13 @@
 from __future__ import annotations
 import getpass, hashlib, json, os, sqlite3, time
 from pathlib import Path
+from urllib.parse import urlsplit
 from .config import Config
-from .errors import MlnbError
+from .errors import ConfigError, MlnbError
 
 # %% auto #0
-__all__ = ['GENESIS', 'AuditError', 'actor', 'log_path', 'record', 'events', 'verify', 'outcome', 'check_log']
+__all__ = ['GENESIS', 'AuditError', 'actor', 'mask', 'log_path', 'where', 'log_location', 'record', 'events', 'verify',
+           'appended_head', 'outcome', 'check_log']
 
 # %% ../nbs/02_audit.ipynb #0005
 GENESIS = "0" * 64
@@ -22,11 +24,43 @@ def actor() -> str:
     "Who is acting: `MLNB_ACTOR`, else the OS user."
     return os.environ.get("MLNB_ACTOR") or getpass.getuser()
 
-def log_path(cfg: Config | Path | str) -> Path:
-    "The audit database of a project (or a path given directly)."
-    if isinstance(cfg, (str, Path)): return Path(cfg)
-    p = Path(cfg.get("audit_log") or Path(cfg.state_dir) / "audit.db")
+_URLS = ("postgresql://", "postgres://")
+_ACCEPTED = ("a SQLite file (default .mlnb/audit.db) or a PostgreSQL URL postgresql://USER@HOST:PORT/DATABASE "
+             "(its password in ~/.pgpass or PGPASSWORD rather than in the URL)")
+
+def mask(url: str) -> str:
+    "`url` with its password (in its user part or a `password=` parameter) replaced by `***`: what a message or record may show."
+    url = str(url)
+    try: u = urlsplit(url)
+    except ValueError: return url.split("://", 1)[0] + "://***"  # unparseable: nothing after the scheme
+    if u.password is not None:
+        user, host = u.netloc.rsplit("@", 1)
+        url = url.replace(u.netloc, f"{user.split(':', 1)[0]}:***@{host}", 1)
+    if u.query:
+        head, _, query = url.partition("?")
+        url = head + "?" + "&".join(p.split("=", 1)[0] + "=***" if p.split("=", 1)[0].lower() == "password" else p for p in query.split("&"))
+    return url
+
+def log_path(cfg: Config | Path | str) -> Path | str:
+    "The audit log of a project (or one given directly): a SQLite database's `Path`, or a PostgreSQL URL (a `str`)."
+    if isinstance(cfg, Path): return cfg
+    raw = cfg if isinstance(cfg, str) else str(cfg.get("audit_log") or "").strip()
+    if "://" in raw:
+        if raw.startswith(_URLS): return raw
+        raise ConfigError(f"audit_log = {mask(raw)!r} is not supported; accepted: {_ACCEPTED}")
+    if isinstance(cfg, str): return Path(cfg)
+    p = Path(raw or Path(cfg.state_dir) / "audit.db")
     return p if p.is_absolute() else cfg.root / p
+
+def where(cfg: Config | Path | str) -> str:
+    "The audit log as a message names it: its path, or its URL without the password."
+    target = log_path(cfg)
+    return mask(target) if isinstance(target, str) else str(target)
+
+def log_location(cfg: Config | Path | str) -> str:
+    "The audit log as another process on this machine opens it (a service, a worker): an absolute path, or the URL."
+    target = log_path(cfg)
+    return target if isinstance(target, str) else str(target.resolve())
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS events (pos INTEGER PRIMARY KEY, seq INTEGER NOT NULL, ts REAL NOT NULL, actor TEXT NOT NULL,
 kind TEXT NOT NULL, refs TEXT NOT NULL, data TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)"""
@@ -67,23 +101,25 @@ def _read_head(path: Path) -> dict | None:
     except (OSError, ValueError): return None
     return {"seq": int(seq), "hash": h}
 
-# One connection and one head-file handle per process and database, opened on first use (a process that forks
-# gets its own: they are keyed by pid). A lock serializes this process's threads; SQLite serializes processes.
+# One connection (and, for SQLite, one head-file handle) per process and log, opened on first use (a process that forks
+# gets its own: they are keyed by pid). A lock serializes this process's threads; the database serializes processes.
 _OPEN: dict = {}
 
-def _handles(path: Path):
-    key = (os.path.abspath(path), os.getpid())
+def _handles(target: Path | str):
+    key = (target if isinstance(target, str) else os.path.abspath(target), os.getpid())
     if key not in _OPEN:
         import threading
-        con = _connect(path)
-        try: head = os.open(_head_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            con.close(); raise AuditError(f"cannot open the audit log's head file {_head_path(path)}: {e.strerror}") from None
-        _OPEN[key] = (con, head, threading.Lock())
+        if isinstance(target, str): _OPEN[key] = (_pg_connect(target), None, threading.Lock())
+        else:
+            con = _connect(target)
+            try: head = os.open(_head_path(target), os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                con.close(); raise AuditError(f"cannot open the audit log's head file {_head_path(target)}: {e.strerror}") from None
+            _OPEN[key] = (con, head, threading.Lock())
     return _OPEN[key]
 
 # %% ../nbs/02_audit.ipynb #0006
-def record(cfg: Config | Path | str,  # the project (or the audit database itself)
+def record(cfg: Config | Path | str,  # the project (or the audit log itself: a SQLite file, or a PostgreSQL URL)
            kind: str,                  # what happened, e.g. `model.promoted`
            refs: dict | None = None,   # the objects involved: run, stage, model, version, bento, incident, ...
            data: dict | None = None,   # details
@@ -93,6 +129,10 @@ def record(cfg: Config | Path | str,  # the project (or the audit database itsel
     path = log_path(cfg)
     refs_s = _canon({k: str(v) for k, v in (refs or {}).items() if v is not None})
     data_s, who = _canon(data), who or actor()
+    seq, ts, h = (_append_pg if isinstance(path, str) else _append_sqlite)(path, who, kind, refs_s, data_s)
+    return {"seq": seq, "ts": ts, "actor": who, "kind": kind, "refs": json.loads(refs_s), "data": json.loads(data_s), "hash": h}
+
+def _append_sqlite(path: Path, who: str, kind: str, refs_s: str, data_s: str) -> tuple:
     con, head, lock = _handles(path)
     with lock:
         try:
@@ -111,19 +151,20 @@ def record(cfg: Config | Path | str,  # the project (or the audit database itsel
             if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
                 raise AuditError(f"cannot append to the audit log {path}: {e}") from None
             raise _unreadable(path, e) from None
-    return {"seq": seq, "ts": ts, "actor": who, "kind": kind, "refs": json.loads(refs_s), "data": json.loads(data_s), "hash": h}
+    return seq, ts, h
 
-def _rows(path: Path) -> list:
+def _rows(path: Path | str) -> list:
+    if isinstance(path, str): return _pg_read(path)[0]
     if not path.exists(): return []
     con = _connect(path)
     try: return con.execute("SELECT pos, seq, ts, actor, kind, refs, data, prev, hash FROM events ORDER BY pos").fetchall()
     except sqlite3.DatabaseError as e: raise _unreadable(path, e) from None
     finally: con.close()
 
-def _event(r, path: Path) -> dict:
+def _event(r, path: Path | str) -> dict:
     try: return {"seq": r[1], "ts": r[2], "actor": r[3], "kind": r[4], "refs": json.loads(r[5]), "data": json.loads(r[6]), "hash": r[8]}
     except (TypeError, ValueError):
-        raise AuditError(f"event {r[1]} of the audit log {path} cannot be read (its refs or data are not JSON): it was edited; "
+        raise AuditError(f"event {r[1]} of the audit log {where(path)} cannot be read (its refs or data are not JSON): it was edited; "
                          "`mlnb audit verify` names every changed event") from None
 
 # %% ../nbs/02_audit.ipynb #0008
@@ -143,10 +184,14 @@ def events(cfg: Config | Path | str, kind: str | None = None, refs: dict | None 
 # %% ../nbs/02_audit.ipynb #0010
 def _when(ts) -> str: return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
-def verify(cfg: Config | Path | str) -> dict:
-    "Check the audit log's hash chain; returns `ok`, the number of events and one entry per problem found."
+def verify(cfg: Config | Path | str,  # the project, or the audit log itself
+           anchor: dict | None = None, # the head kept outside the log (`seq`, `hash`, `where`), e.g. `tracking.read_audit_anchor`
+          ) -> dict:
+    "Check the audit log's hash chain (and its head against `anchor`); returns `ok`, the number of events and one entry per problem found."
     path = log_path(cfg)
-    rows, problems = _rows(path), []
+    if isinstance(path, str): rows, head = _pg_read(path)  # one snapshot
+    else: head = _read_head(path); rows = _rows(path)       # the head first: an append meanwhile only lengthens the rows
+    problems = []
     def bad(seq, kind, detail): problems.append({"seq": seq, "problem": kind, "detail": detail})
     by_seq, high = {}, 0
     for r in rows:
@@ -164,20 +209,110 @@ def verify(cfg: Config | Path | str) -> dict:
             bad(seq, "broken link", f"event {seq} ({r[4]}) does not link to event {seq - 1} ({before[4]}): event {seq - 1} was rewritten after event {seq} was appended")
     missing = sorted(set(range(1, high + 1)) - set(by_seq))
     for seq in missing: bad(seq, "deleted", f"event {seq} was deleted: the log goes from {max([s for s in by_seq if s < seq], default=0)} to {min([s for s in by_seq if s > seq], default='the end')}")
-    head = _read_head(path)
     if head and head["seq"] > high:
         for seq in range(high + 1, head["seq"] + 1): bad(seq, "deleted", f"event {seq} was deleted from the end of the log (the chain's head records {head['seq']} events)")
     elif head and head["seq"] in by_seq and by_seq[head["seq"]][8] != head["hash"]:
         bad(head["seq"], "edited", f"event {head['seq']} differs from the chain's head record: the log was rewritten from some point on")
     if rows and head is None: bad(high, "deleted", "the chain's head record is missing")
-    if rows:
+    if anchor:
+        at = anchor.get("where") or "its anchor"
+        if anchor["seq"] > high:
+            bad(high + 1, "deleted", f"the log ends at event {high} but its head anchored in {at} is event {anchor['seq']}: "
+                                     "events were deleted from the end, or the log was rewritten")
+        elif anchor["seq"] in by_seq and by_seq[anchor["seq"]][8] != anchor["hash"]:
+            bad(anchor["seq"], "rewritten", f"event {anchor['seq']} differs from the head anchored in {at} (hash {by_seq[anchor['seq']][8][:12]} "
+                                            f"in the log, {anchor['hash'][:12]} anchored): the log and its head record were rewritten")
+    if rows and not isinstance(path, str):
         con = _connect(path)
         try: check = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
         except sqlite3.DatabaseError as e: check = [str(e)]
         finally: con.close()
         if check != ["ok"]: bad(high, "corrupt", f"the database file is damaged: {'; '.join(check[:3])}")
     problems.sort(key=lambda p: p["seq"])
-    return {"ok": not problems, "events": len(rows), "path": str(path), "head": head, "problems": problems}
+    return {"ok": not problems, "events": len(rows), "path": where(path), "store": "postgresql" if isinstance(path, str) else "sqlite",
+            "head": head, "anchor": anchor, "problems": problems}
+
+# %% ../nbs/02_audit.ipynb #pg0002
+_PG_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS mlnb_audit_events (pos BIGSERIAL PRIMARY KEY, seq BIGINT NOT NULL UNIQUE, ts DOUBLE PRECISION NOT NULL, "
+    "actor TEXT NOT NULL, kind TEXT NOT NULL, refs TEXT NOT NULL, data TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS mlnb_audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL, hash TEXT NOT NULL)")
+# the head row, made from the newest event when there is none (a new log; or one someone deleted, which `verify` reported)
+_PG_HEAD = ("INSERT INTO mlnb_audit_head (id, seq, hash) SELECT 1, COALESCE(MAX(seq), 0), COALESCE((SELECT hash FROM mlnb_audit_events "
+            f"ORDER BY seq DESC LIMIT 1), '{GENESIS}') FROM mlnb_audit_events ON CONFLICT (id) DO NOTHING")
+_PG_LOCK_HEAD = "SELECT seq, hash FROM mlnb_audit_head WHERE id = 1 FOR UPDATE"
+_PG_APPEND = ("WITH e AS (INSERT INTO mlnb_audit_events (seq, ts, actor, kind, refs, data, prev, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+              "RETURNING seq, hash) UPDATE mlnb_audit_head SET seq = e.seq, hash = e.hash FROM e WHERE id = 1")
+
+def _pg_failed(url: str, e: Exception, doing: str, hint: bool = False) -> AuditError:
+    "Our error for a psycopg one: the log's URL without its password, the server's first line, and (`hint`) what is accepted."
+    said = next((" ".join(line.split()) for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    if said.endswith("does not exist") and "database" in said: said += f" (create it first: createdb {urlsplit(url).path.lstrip('/')})"
+    try: pw = urlsplit(url).password
+    except ValueError: pw = None
+    if pw: said = said.replace(pw, "***")
+    accepted = f"; audit_log in settings.ini [mlnb] (or MLNB_AUDIT_LOG) accepts {_ACCEPTED}" if hint else ""
+    return AuditError(f"cannot {doing} the audit log {mask(url)}: {said}{accepted}")
+
+def _pg_connect(url: str):
+    "A connection to the PostgreSQL log at `url` (autocommit: each append is its own transaction); its tables are made on first use."
+    try: import psycopg
+    except ImportError:
+        raise AuditError(f"audit_log is a PostgreSQL URL ({mask(url)}) but psycopg is not installed: pip install 'psycopg[binary]'") from None
+    try: con = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="mlnb audit")
+    except psycopg.Error as e: raise _pg_failed(url, e, "reach", hint=True) from None
+    try:
+        con.execute("SET lock_timeout = '60s'")  # a writer stopped mid-append fails the others after a minute instead of hanging them
+        if con.execute("SELECT to_regclass('mlnb_audit_events') IS NULL OR to_regclass('mlnb_audit_head') IS NULL").fetchone()[0]:
+            with con.transaction():
+                con.execute("SELECT pg_advisory_xact_lock(hashtext('mlnb audit schema'))")  # first use by several processes at once
+                for statement in _PG_SCHEMA: con.execute(statement)
+                con.execute(_PG_HEAD)
+    except psycopg.Error as e:
+        con.close(); raise _pg_failed(url, e, "open", hint=True) from None
+    return con
+
+def _pg(url: str, doing: str, work):
+    "`work(con)` in one transaction on this process's connection to `url`; once more on a new connection if the old one broke."
+    import psycopg
+    for attempt in (1, 2):
+        con, _, lock = _handles(url)
+        with lock:
+            try:
+                with con.transaction(): return work(con)
+            except psycopg.OperationalError as e:
+                if attempt == 1 and con.closed:  # the server restarted, or dropped an idle connection
+                    _OPEN.pop((url, os.getpid()), None); continue
+                raise _pg_failed(url, e, doing) from None
+            except psycopg.Error as e: raise _pg_failed(url, e, doing) from None
+
+_APPENDED: dict = {}  # per PostgreSQL log, the newest event this process appended: what is to be anchored
+
+def _append_pg(url: str, who: str, kind: str, refs_s: str, data_s: str) -> tuple:
+    def append(con):
+        row = con.execute(_PG_LOCK_HEAD).fetchone()  # every writer, on every machine, waits here for the one before it
+        if row is None: con.execute(_PG_HEAD); row = con.execute(_PG_LOCK_HEAD).fetchone()
+        seq, prev, ts = row[0] + 1, row[1], time.time()
+        h = _hash(seq, ts, who, kind, refs_s, data_s, prev)
+        con.execute(_PG_APPEND, (seq, ts, who, kind, refs_s, data_s, prev, h))
+        return seq, ts, h
+    seq, ts, h = _pg(url, "append to", append)
+    if seq > _APPENDED.get(url, {}).get("seq", 0): _APPENDED[url] = {"seq": seq, "hash": h}
+    return seq, ts, h
+
+def _pg_read(url: str) -> tuple:
+    "Every event of the PostgreSQL log at `url` and its head row, from one snapshot."
+    def read(con):
+        con.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        head = con.execute("SELECT seq, hash FROM mlnb_audit_head WHERE id = 1").fetchone()
+        return con.execute("SELECT pos, seq, ts, actor, kind, refs, data, prev, hash FROM mlnb_audit_events ORDER BY pos").fetchall(), head
+    rows, head = _pg(url, "read", read)
+    return rows, ({"seq": head[0], "hash": head[1]} if head else None)
+
+def appended_head(cfg: Config | Path | str) -> dict | None:
+    "The newest event (`seq`, `hash`) this process appended to the log, if it is a PostgreSQL one: the head to anchor outside it."
+    target = log_path(cfg)
+    return dict(_APPENDED[target]) if isinstance(target, str) and target in _APPENDED else None
 
 # %% ../nbs/02_audit.ipynb #0011b
 _FAILED_STATUS = ("failed", "interrupted")
@@ -206,9 +341,12 @@ def outcome(e: dict) -> dict:
     return {"status": status, "level": level, "why": why}
 
 # %% ../nbs/02_audit.ipynb #0101
-def check_log(cfg: Config | Path | str) -> Path:
+def check_log(cfg: Config | Path | str) -> Path | str:
     "Raise `AuditError` unless the audit log can be read and appended to (a log that does not exist yet is fine)."
     path = log_path(cfg)
+    if isinstance(path, str):
+        _pg(path, "read", lambda con: con.execute("SELECT seq FROM mlnb_audit_head WHERE id = 1").fetchone())
+        return path
     if path.exists():
         con = _connect(path)
         try:

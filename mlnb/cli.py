@@ -13,7 +13,8 @@ from .errors import MlnbError
 # %% auto #0
 __all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync',
            'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'build', 'serve',
-           'simulate', 'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new']
+           'simulate', 'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new', 'stack',
+           'stack_up', 'stack_down', 'stack_status']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -45,7 +46,17 @@ def check_settings(cfg):
 
 def _cfg(ctx):
     from mlnb.config import load_config
-    return check_settings(load_config(ctx.find_root().params.get("project")))
+    cfg = check_settings(load_config(ctx.find_root().params.get("project")))
+    ctx.call_on_close(lambda: _anchor_audit(cfg))  # when the command is done, whatever its outcome
+    return cfg
+
+def _anchor_audit(cfg):
+    "Keep the head of a PostgreSQL audit log on the tracking server, once per command that appended to it (`tracking.anchor_audit_head`)."
+    from mlnb.audit import appended_head
+    if appended_head(cfg) is None: return  # nothing appended; or a SQLite log, whose head file is beside it
+    from mlnb.tracking import anchor_audit_head
+    try: anchor_audit_head(cfg)
+    except MlnbError as e: click.echo(f"mlnb: warning: the audit log's head was not anchored on the tracking server: {e}", err=True)
 
 def _out(data, as_json: bool, text: str):
     click.echo(json.dumps(data, indent=1, default=str) if as_json else text)
@@ -204,12 +215,16 @@ def _progress(console, live: bool | None = None):
 @click.option("-j", "--jobs", type=click.IntRange(1), help="Independent stages run at once.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Per-stage timeout in seconds.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]", help="Continue a failed or interrupted run (default: the last one).")
-@click.option("--scheduler", metavar="ADDRESS", help="Run the stages on a Dask cluster (e.g. tcp://10.0.0.5:8786): each stage a task in a kernel on a worker; the project folder must be on storage every worker reaches. Default: settings executor, dask_scheduler.")
+@click.option("--scheduler", metavar="ADDRESS", help="Run the stages on a Dask cluster (e.g. tcp://10.0.0.5:8786): each stage a task in a kernel on a worker; the project folder must be on storage every worker reaches. Default: settings executor, dask_scheduler; `local` runs here (e.g. to resume a cluster's run without it).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=VALUES", help="Sweep a parameter: a list (train.learning_rate=0.03,0.1,0.3) or a range (max_iter=100:500:100); repeat for a grid. One trial per combination; the best (the task's primary metric, or --select) is registered. --jobs trials at once.")
+@click.option("--select", metavar="METRIC", help="The metric that picks a sweep's best trial (default: the task's primary metric); max:NAME or min:NAME for a metric a stage logs itself.")
+@click.option("--stages", hidden=True, help="Run just these stages (comma-separated), reusing their upstream products: a sweep's trials.")
+@click.option("--trial-of", hidden=True, help="The sweep (JSON) this run is a trial of.")
 @click.option("--wait-tracking", is_flag=True, help="Wait for everything MLflow gets: also the executed notebooks' HTML pages (otherwise rendered in the background after the run) and, on a tracking server, a fully reused run's record.")
 @click.option("--artifacts", type=click.Path(file_okay=False), help="Copy the executed notebooks, the run record, the gate report and a Markdown summary here (for CI), also when the run fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.pass_context
-def run(ctx, params, only, start, force, jobs, timeout, resume, scheduler, wait_tracking, artifacts, as_json):
+def run(ctx, params, only, start, force, jobs, timeout, resume, scheduler, sweeps, select, stages, trial_of, wait_tracking, artifacts, as_json):
     "Run the pipeline: stages whose inputs did not change are reused."
     from rich.console import Console
     from mlnb.errors import StageFailed
@@ -217,11 +232,17 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, scheduler, wait_
     if only and start: raise click.UsageError("--only and --from select differently; give one of them")
     console = Console(stderr=True)
     cfg = _cfg(ctx)
+    if sweeps:
+        if only or start or force or stages: raise click.UsageError("--sweep runs its own selection; leave out --only, --from and --force")
+        return _sweep(cfg, console, sweeps, list(params), select, jobs, scheduler, bool(resume), as_json)
+    if select: raise click.UsageError("--select picks a sweep's best trial; give it with --sweep")
     t0, progress = time.time(), _progress(console)
     try:
         with progress:
             rec = run_pipeline(cfg, RunOptions(overrides=list(params), only=only, start=start, force=force, jobs=jobs,
-                                               timeout=timeout, resume=resume, scheduler=scheduler), on_event=progress,
+                                               timeout=timeout, resume=resume, scheduler=scheduler,
+                                               stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None,
+                                               sweep=json.loads(trial_of) if trial_of else None), on_event=progress,
                                sync_tracking=True if wait_tracking else None)
     except StageFailed as e:  # one line: the cell as its author counts it, the notebook where JupyterLab opens it
         raise MlnbError(failure_text(e)) from e
@@ -234,7 +255,8 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, scheduler, wait_
     before = sum(s["status"] == "done" and s.get("in_attempt", attempt) < attempt for s in rec["stages"].values())
     ran = f"{n['done'] - before} ran in this attempt, {before} before it" if attempt > 1 else f"{n['done']} ran"
     dask = (rec.get("executor") or {}).get("dask") if isinstance(rec.get("executor"), dict) else None
-    if dask: ran += f" on Dask {dask} ({len({s['worker'] for s in rec['stages'].values() if s.get('worker') and s.get('in_attempt') == attempt})} workers)"
+    used = len({s["worker"] for s in rec["stages"].values() if s.get("worker") and s.get("in_attempt") == attempt})
+    if dask: ran += f" on Dask {dask} ({used} worker{'' if used == 1 else 's'})"
     console.print(f"run {rec['run_id']} done: {ran}, {n['cached']} reused in {time.time() - t0:.2f}s; "
                   f"executed notebooks in {rec.get('visible_notebooks') or Path(cfg.state_dir, 'runs', rec['run_id'], 'notebooks')}",
                   highlight=False, soft_wrap=True)
@@ -243,6 +265,34 @@ def run(ctx, params, only, start, force, jobs, timeout, resume, scheduler, wait_
     fate = _model_fate(rec)
     if fate: console.print(fate, highlight=False, soft_wrap=True)
     _out(rec, as_json, rec["run_id"])
+
+def _sweep(cfg, console, sweeps, params, select, jobs, scheduler, resume, as_json):
+    "`mlnb run --sweep ...`: the trials, a line as each ends, the table of trials, and what happened to the best one's model."
+    from mlnb.sweep import run_sweep, trials_table
+    t0 = time.time()
+    def said(e):
+        if e["event"] == "before": console.print(f"  before the trials: {', '.join(e['stages'])}", highlight=False)
+        elif e["event"] == "started": console.print(f"  trial {e['trial']:>3} ▶ " + " ".join(f"{k}={v}" for k, v in e["params"].items()), highlight=False)
+        elif e["event"] in ("finished", "kept"):
+            how = {"done": f"✓ {e.get('value'):.4f}" if e.get("value") is not None else "✓", "failed": "✗ failed", "interrupted": "⏸ interrupted"}.get(e["status"], e["status"])
+            console.print(f"  trial {e['trial']:>3} {how}" + (" (kept from the sweep resumed)" if e["event"] == "kept" else "")
+                          + (f": {e['error']}" if e.get("error") and e["status"] != "interrupted" else ""), highlight=False, soft_wrap=True)
+        elif e["event"] == "final":
+            console.print(f"  best: trial {e['best']['trial']}; registering it ({', '.join(e['stages']) or 'no stage registers'})", highlight=False)
+    try: rec = run_sweep(cfg, list(sweeps), params, select=select, jobs=jobs, scheduler=scheduler, resume=resume, on_event=said)
+    except KeyboardInterrupt:
+        click.echo("mlnb: sweep interrupted; continue it with the same command and --resume", err=True); sys.exit(130)
+    console.print(trials_table(rec), highlight=False, soft_wrap=True)
+    failed = [t["trial"] for t in rec["trials"] if t["status"] != "done"]
+    best = next(t for t in rec["trials"] if t["trial"] == rec["best"])
+    console.print(f"sweep {rec['id']} {'done' if not failed else 'done with failed trials ' + ', '.join(map(str, failed))}: "
+                  f"{len(rec['trials'])} trials in {time.time() - t0:.1f}s; best trial {best['trial']} ("
+                  + ", ".join(f"{k}={v}" for k, v in best["params"].items()) + f") {rec['metric']} {best['value']:.4f}, run {rec['final_run']}",
+                  highlight=False, soft_wrap=True)
+    fate = _model_fate(rec["final"])
+    if fate: console.print(fate, highlight=False, soft_wrap=True)
+    _out(rec, as_json, rec["id"])
+    if failed: raise MlnbError(f"sweep {rec['id']}: trial(s) {', '.join(map(str, failed))} failed (see the table); the best of the others was registered; `mlnb run --sweep ... --resume` continues them")
 
 def _product(rec: dict, name: str):
     "The JSON product `name` of the newest stage of the run that made one, or None."
@@ -516,6 +566,7 @@ def serve(ctx, tag, host, port):
     click.echo(f"serving {cfg.model_name} v{s.get('version', '?')} (bento {tag}) at http://{host}:{port}: try it at /, "
                f"model at /metadata, metrics at /metrics; Ctrl-C stops it", err=True)
     click.echo("$ " + " ".join(["bentoml", *cmd[1:]]), err=True)
+    _anchor_audit(cfg)  # execve never returns to close the command
     os.execve(cmd[0], cmd, env)
 
 # %% ../nbs/20_cli.ipynb #0017
@@ -698,11 +749,18 @@ def audit(ctx, kind, refs, actor, since, limit, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def audit_verify(ctx, as_json):
-    "Check the audit log's hash chain; exit 1 naming every edited, moved or deleted event."
+    "Check the audit log's hash chain, and a PostgreSQL log's head against its anchor on the tracking server; exit 1 naming every edited, moved, deleted or rewritten event."
     from mlnb.audit import verify
+    from mlnb.tracking import read_audit_anchor, anchor_audit_head
     from mlnb.errors import MlnbError
-    rep = verify(_cfg(ctx))
+    cfg = _cfg(ctx)
+    rep = verify(cfg, anchor=read_audit_anchor(cfg))  # the anchor first: appends meanwhile only lengthen the log
+    if rep["ok"] and rep["head"] and rep["head"]["seq"]: rep["anchor"] = anchor_audit_head(cfg, rep["head"]) or rep["anchor"]  # what was checked
     text = [f"audit log {rep['path']}: {rep['events']} events, " + ("chain intact" if rep["ok"] else f"{len(rep['problems'])} problem(s):")]
+    if rep["store"] == "postgresql":
+        a = rep["anchor"]
+        text.append(f"  head: event {a['seq']} anchored in {a['where']}" if a else "  head: not anchored outside the database (tracking_uri is not "
+                    "an MLflow server): a rewrite of the database together with its head record would go unnoticed")
     text += [f"  {p['problem']}: {p['detail']}" for p in rep["problems"]]
     _out(rep, as_json, "\n".join(text))
     if not rep["ok"]: raise MlnbError("the audit log has been tampered with: " + "; ".join(p["detail"] for p in rep["problems"][:5]))
@@ -784,3 +842,93 @@ def new(folder, task, data, target, id_columns, sensitive, name, as_json):
     text = [f"wrote a {out['task']} project '{out['name']}' (target {out['target']}) in {out['folder']}: {len(out['files'])} files", "next:",
             *[f"  {c}" for c in out["next"]]]
     _out(out, as_json, "\n".join(text))
+
+# %% ../nbs/20_cli.ipynb #0b9a650c
+_PART = {"postgres": "PostgreSQL", "mlflow": "MLflow server", "dask": "Dask cluster"}
+
+def _stack_dir(ctx, folder) -> Path:
+    "--dir, else `.mlnb/stack` (the state folder) of the project the command runs in, else ./mlnb-stack."
+    if folder: return Path(folder).resolve()
+    from mlnb.config import find_project, load_config
+    project = ctx.find_root().params.get("project")
+    try: root = find_project(project)
+    except MlnbError:
+        if project: raise
+        return (Path.cwd() / "mlnb-stack").resolve()
+    try: return load_config(root).state / "stack"
+    except MlnbError: return root / ".mlnb" / "stack"
+
+def _settings_lines(settings: dict) -> list:
+    from mlnb.config import ENV_PREFIX
+    return (["Point a project at it, in its settings.ini [mlnb]:", *[f"  {k} = {v}" for k, v in settings.items()],
+             "or with environment variables:", *[f"  export {ENV_PREFIX}{k.upper()}={v}" for k, v in settings.items()]])
+
+_STACK_DIR = click.option("--dir", "folder", type=click.Path(file_okay=False),
+                          help="The stack's folder (default: .mlnb/stack of the project, else ./mlnb-stack).")
+
+@main.group()
+def stack():
+    "A team stack on this machine, for trying it: PostgreSQL, an MLflow server on it and a Dask cluster, on 127.0.0.1."
+
+@stack.command("up")
+@_STACK_DIR
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Dask worker processes.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stack_up(ctx, folder, workers, as_json):
+    "Start PostgreSQL, an MLflow server on it and a Dask cluster; print the settings that point a project at them."
+    from mlnb.stack import Stack
+    d = _stack_dir(ctx, folder)
+    click.echo(f"starting a team stack in {d} (the MLflow server takes longest) ...", err=True)
+    try: settings = Stack(d, workers).up(lambda part, text: click.echo(f"  {text}", err=True))
+    except KeyboardInterrupt:
+        click.echo("mlnb: interrupted; what had started is stopped", err=True); sys.exit(130)
+    st = Stack.status(d)
+    p = st["parts"]
+    workers = ", ".join(f"{w['name']} (pid {w['pid']})" for w in p["dask"]["workers"])
+    text = [f"started a team stack in {d} in {st['seconds']:.1f} s, on 127.0.0.1:",
+            f"  PostgreSQL     {p['postgres']['url'].rsplit('/', 1)[0]}, databases mlflow and mlnb_audit (pid {p['postgres']['pid']})",
+            f"  MLflow server  {p['mlflow']['uri']} (UI and API; artifacts in {d / 'mlflow' / 'artifacts'}; pid {p['mlflow']['pid']})",
+            f"  Dask           scheduler {p['dask']['address']} (pid {p['dask']['pid']}), workers {workers}",
+            *_settings_lines(settings),
+            f"Stop it with: mlnb stack down --dir {d}"]
+    _out({"folder": str(d), "seconds": st["seconds"], "settings": settings, "parts": p}, as_json, "\n".join(text))
+
+@stack.command("down")
+@_STACK_DIR
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stack_down(ctx, folder, as_json):
+    "Stop the stack recorded in its folder (also when the `stack up` that started it is gone)."
+    from mlnb.stack import Stack
+    d = _stack_dir(ctx, folder)
+    stopped = Stack.down(d)
+    text = (f"stopped the team stack in {d}: " + ", ".join(f"{_PART[n]} ({'stopped' if was else 'was not running'})" for n, was in stopped)
+            if stopped else f"no team stack recorded in {d}: nothing to stop")
+    _out({"folder": str(d), "stopped": [{"part": n, "was_running": was} for n, was in stopped]}, as_json, text)
+
+@stack.command("status")
+@_STACK_DIR
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stack_status(ctx, folder, as_json):
+    "Whether the stack in its folder runs: each part, its address and pid, and the settings for a project."
+    from mlnb.stack import Stack
+    d = _stack_dir(ctx, folder)
+    st = Stack.status(d)
+    p = st["parts"]
+    if not p:
+        return _out(st, as_json, f"no team stack recorded in {d}; start one with: mlnb stack up --dir {d}")
+    state = lambda ok: "running" if ok else "NOT RUNNING"
+    text = [f"team stack in {d}: {'running' if st['running'] else 'not (all) running'}"]
+    if "postgres" in p: text.append(f"  PostgreSQL     {state(p['postgres']['running'])}  {p['postgres']['url'].rsplit('/', 1)[0]} (pid {p['postgres']['pid']})")
+    if "mlflow" in p:
+        m = p["mlflow"]
+        text.append(f"  MLflow server  {state(m['running'])}{', answers' if m['healthy'] else ', does not answer'}  {m['uri']} (pid {m['pid']}; log {m['log']})")
+    if "dask" in p:
+        c = p["dask"]
+        text.append(f"  Dask           {state(c['running'])}  {c['address']} (pid {c['pid']}), {len(c['connected'])} of {len(c['workers'])} workers connected"
+                    + (f": {', '.join(c['connected'])}" if c["connected"] else ""))
+    if st["running"] and st.get("settings"): text += _settings_lines(st["settings"])
+    elif not st["running"]: text.append(f"stop what is left with: mlnb stack down --dir {d}")
+    _out(st, as_json, "\n".join(text))

@@ -127,7 +127,7 @@ SETTINGS = {
     "drift_max_auc_drop": _S(float, "[0, inf)", "old name of drift_max_drop"),
     "retrain_on_alert": _S(bool, "", "every drift or degradation alert retrains"),
     # the audit log (mlnb.audit)
-    "audit_log": _S(str, "", "the audit log (SQLite)"),
+    "audit_log": _S(str, "", "the audit log: a SQLite file, or postgresql://USER@HOST:PORT/DATABASE for a team (its head anchored on an http(s) tracking_uri)"),
 }
 
 # `MLNB_*` variables that are not settings

@@ -230,61 +230,71 @@ def decide_promotion(cfg: Config, version: int, model, holdout, task: Task, repo
     check_required_gates(cfg, gates, task)
     policy = str(cfg.get("promotion") or "manual").strip().lower()
     if policy not in ("auto", "manual"): raise ConfigError(f"promotion = {policy!r}; accepted: auto, manual")
-    champion_version = tracking.read_aliases(cfg.tracking_uri, cfg.model_name).get("champion")
-    champion = tracking.load_model(cfg, str(champion_version)) if champion_version is not None else None
-    if champion is not None and "max_regression" in limits:  # `against`: a later `promote` against the same champion need not compare again
-        gates.append({**compare_to_champion(model, champion, holdout, task, limits["max_regression"]), "against": champion_version})
-    passed = all(g["passed"] for g in gates)
-    _record_gates(cfg, version, gates, passed)
-    info = tracking.model_version_info(cfg, str(version))
-    decision = {"version": int(version), "policy": policy, "passed": passed, "gates": gates, "action": "blocked",
-                "fairness": report.get("fairness"), "policy_refusals": []}
-    alias = None
-    if passed:
-        alias = "champion" if policy == "auto" else "challenger"
-        if alias == "champion":
-            reasons = policy_violations(cfg, gates, _git_of(info["tags"]), has_champion=champion is not None)
-            if reasons:
-                audit.record(cfg, "policy.refused", {"model": cfg.model_name, "version": version}, {"action": "automatic promotion", "reasons": reasons})
-                alias, decision["policy_refusals"] = "challenger", reasons
-        decision["action"] = "promoted" if alias == "champion" else "challenger"
-    audit.record(cfg, "gate.decision", {"model": cfg.model_name, "version": version, "run": info["tags"].get("mlnb.run_id")},
-                 {"passed": passed, "action": decision["action"], "failed": [g["reason"] for g in gates if not g["passed"]],
-                  "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates},
-                  "policy_refusals": decision["policy_refusals"]})  # the evidence first, then the move it allows
-    if alias and tracking.read_aliases(cfg.tracking_uri, cfg.model_name).get("champion") == int(version):
-        alias, decision["action"] = None, "promoted"  # a rerun that made the champion's model again: it stays champion, nothing moves
-    if alias:
-        why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
-        decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")
+    with tracking.model_lock(cfg):  # from the champion comparison to the alias move: no other promoter, on any machine, moves it meanwhile
+        champion_version = tracking.read_aliases(cfg.tracking_uri, cfg.model_name).get("champion")
+        info = tracking.model_version_info(cfg, str(version))
+        if champion_version == int(version):  # the champion's own model again (a rerun, or the same model from another checkout at once):
+            # judged by this run's gates (the settings may have tightened them), never against itself; nothing moves either way,
+            # and the gate results it became champion by stay recorded on the version
+            passed = all(g["passed"] for g in gates)
+            decision = {"version": int(version), "policy": policy, "passed": passed, "gates": gates, "action": "promoted" if passed else "blocked",
+                        "fairness": report.get("fairness"), "policy_refusals": [], "already_champion": True}
+            audit.record(cfg, "gate.decision", {"model": cfg.model_name, "version": version, "run": info["tags"].get("mlnb.run_id")},
+                         {"passed": passed, "action": decision["action"], "failed": [g["reason"] for g in gates if not g["passed"]], "already_champion": True,
+                          "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates}, "policy_refusals": []})
+            return decision
+        champion = tracking.load_model(cfg, str(champion_version)) if champion_version is not None else None
+        if champion is not None and "max_regression" in limits:  # `against`: a later `promote` against the same champion need not compare again
+            gates.append({**compare_to_champion(model, champion, holdout, task, limits["max_regression"]), "against": champion_version})
+        passed = all(g["passed"] for g in gates)
+        _record_gates(cfg, version, gates, passed)
+        decision = {"version": int(version), "policy": policy, "passed": passed, "gates": gates, "action": "blocked",
+                    "fairness": report.get("fairness"), "policy_refusals": []}
+        alias = None
+        if passed:
+            alias = "champion" if policy == "auto" else "challenger"
+            if alias == "champion":
+                reasons = policy_violations(cfg, gates, _git_of(info["tags"]), has_champion=champion is not None)
+                if reasons:
+                    audit.record(cfg, "policy.refused", {"model": cfg.model_name, "version": version}, {"action": "automatic promotion", "reasons": reasons})
+                    alias, decision["policy_refusals"] = "challenger", reasons
+            decision["action"] = "promoted" if alias == "champion" else "challenger"
+        audit.record(cfg, "gate.decision", {"model": cfg.model_name, "version": version, "run": info["tags"].get("mlnb.run_id")},
+                     {"passed": passed, "action": decision["action"], "failed": [g["reason"] for g in gates if not g["passed"]],
+                      "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates},
+                      "policy_refusals": decision["policy_refusals"]})  # the evidence first, then the move it allows
+        if alias:
+            why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
+            decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")
     return decision
 
 def promote_version(cfg: Config, version, reason: str) -> dict:
     "Make `version` the champion by hand; refused unless the policy allows it, its gates passed and it does not regress."
     from mlnb import tracking
     check_promoter(cfg, "promote", version)
-    versions = {v["version"]: v for v in tracking.list_versions(cfg)}
-    try: v = versions[int(version)]
-    except (KeyError, ValueError):
-        raise NotFound(f"model '{cfg.model_name}' has no version {version!r}; versions: {', '.join(map(str, sorted(versions))) or 'none'}") from None
-    if "champion" in v["aliases"]: raise ConfigError(f"version {version} is already the champion")
-    gates = json.loads(v["tags"].get("mlnb.gates", "[]"))
-    if v["tags"].get("mlnb.gates.passed") != "true":
-        failed = [g["reason"] for g in gates if not g["passed"]] or ["no gate results recorded for this version"]
-        refuse(cfg, "promotion", version, failed, GateFailed)
-    has_champion = any("champion" in x["aliases"] for x in versions.values())
-    reasons = policy_violations(cfg, gates, _git_of(v["tags"]), has_champion)
-    if reasons: refuse(cfg, "promotion", version, reasons)
-    task, limits = task_of(cfg), gate_limits(cfg)
-    champion_version = next((n for n, x in versions.items() if "champion" in x["aliases"]), None)
-    compared = any(g["gate"] == "no_regression" and g.get("against") == champion_version and g["limit"] == -limits.get("max_regression", -1)
-                   for g in gates)  # its gates passed against this very champion, at today's limit: nothing new to compare
-    if "max_regression" in limits and has_champion and not compared:
-        holdout = tracking.version_holdout(cfg, version)
-        if holdout is None: refuse(cfg, "promotion", version, [f"version {version} has no holdout.parquet artifact to compare with the champion on (gate_max_regression)"], GateFailed)
-        r = compare_to_champion(tracking.load_model(cfg, str(version)), tracking.load_model(cfg, "champion"), holdout, task, limits["max_regression"])
-        if not r["passed"]: refuse(cfg, "promotion", version, [r["reason"]], GateFailed)
-    return tracking.set_alias(cfg, "champion", version, reason, kind="promote")
+    with tracking.model_lock(cfg):  # what is checked is what is moved: the champion cannot change in between
+        versions = {v["version"]: v for v in tracking.list_versions(cfg)}
+        try: v = versions[int(version)]
+        except (KeyError, ValueError):
+            raise NotFound(f"model '{cfg.model_name}' has no version {version!r}; versions: {', '.join(map(str, sorted(versions))) or 'none'}") from None
+        if "champion" in v["aliases"]: raise ConfigError(f"version {version} is already the champion")
+        gates = json.loads(v["tags"].get("mlnb.gates", "[]"))
+        if v["tags"].get("mlnb.gates.passed") != "true":
+            failed = [g["reason"] for g in gates if not g["passed"]] or ["no gate results recorded for this version"]
+            refuse(cfg, "promotion", version, failed, GateFailed)
+        has_champion = any("champion" in x["aliases"] for x in versions.values())
+        reasons = policy_violations(cfg, gates, _git_of(v["tags"]), has_champion)
+        if reasons: refuse(cfg, "promotion", version, reasons)
+        task, limits = task_of(cfg), gate_limits(cfg)
+        champion_version = next((n for n, x in versions.items() if "champion" in x["aliases"]), None)
+        compared = any(g["gate"] == "no_regression" and g.get("against") == champion_version and g["limit"] == -limits.get("max_regression", -1)
+                       for g in gates)  # its gates passed against this very champion, at today's limit: nothing new to compare
+        if "max_regression" in limits and has_champion and not compared:
+            holdout = tracking.version_holdout(cfg, version)
+            if holdout is None: refuse(cfg, "promotion", version, [f"version {version} has no holdout.parquet artifact to compare with the champion on (gate_max_regression)"], GateFailed)
+            r = compare_to_champion(tracking.load_model(cfg, str(version)), tracking.load_model(cfg, "champion"), holdout, task, limits["max_regression"])
+            if not r["passed"]: refuse(cfg, "promotion", version, [r["reason"]], GateFailed)
+        return tracking.set_alias(cfg, "champion", version, reason, kind="promote")
 
 def rollback_champion(cfg: Config, reason: str) -> dict:
     "Move the champion back to the one before it, if the policy lets this person do it."

@@ -831,7 +831,8 @@ def _execute(stage: Stage, params: dict, ctx: dict, out_nb: Path, km, timeout: f
 
 # %% ../nbs/05_pipeline.ipynb #0025d
 def dask_address(cfg: Config, scheduler: str | None = None) -> str | None:
-    "The Dask scheduler stages run on (`--scheduler`, else `executor = dask` with `dask_scheduler`), or None for the local executor."
+    "The Dask scheduler stages run on (`--scheduler`, else `executor = dask` with `dask_scheduler`), or None for the local executor (also `--scheduler local`)."
+    if scheduler and scheduler.strip().lower() == "local": return None
     executor = str(cfg.get("executor", "local") or "local").strip().lower()
     if executor not in ("local", "dask"): raise ConfigError(f"executor = {executor!r}; accepted: local, dask")
     address = scheduler or (cfg.get("dask_scheduler") if executor == "dask" else None)
@@ -1002,6 +1003,8 @@ class RunOptions:
     timeout: float | None = None # per-stage timeout in seconds (default: settings)
     resume: str | None = None    # run id to continue ("latest" = the last failed or interrupted run)
     scheduler: str | None = None # a Dask scheduler address: stages run on its workers (default: settings `executor`, `dask_scheduler`)
+    stages: list | None = None   # run these stages (reusing, by key, the products of the stages they read from): a sweep's trials
+    sweep: dict | None = None    # the sweep this run is a trial of (id, trial number, its parameters, the sweep's MLflow run)
 
 def _record_path(run_dir: Path) -> Path: return run_dir / "run.json"
 
@@ -1047,6 +1050,7 @@ def _resume_options(opts: RunOptions, prev: dict) -> RunOptions:
             raise ConfigError(f"--resume continues run {prev['run_id']} with the options it started with ({kept}); "
                               f"{show(flag, value)} is not one of them: drop it, or start a new run")
     return RunOptions(overrides=before["-p"], only=before["--only"], start=before["--from"], force=before["--force"],
+                      stages=was.get("stages"), sweep=prev.get("sweep"),
                       jobs=opts.jobs or was.get("jobs"), timeout=opts.timeout or was.get("timeout"), resume=opts.resume,
                       scheduler=opts.scheduler or was.get("scheduler"))
 
@@ -1067,11 +1071,13 @@ class _Run:
         self.params = resolve_params(pipeline, opts.overrides)
         if opts.only: pipeline.stage(opts.only)
         if opts.start: pipeline.stage(opts.start)
+        for n in opts.stages or []: pipeline.stage(n)
         self.run_id = prev["run_id"] if prev else new_run_id()
         self.dir = runs_dir(cfg) / self.run_id
         self.shown = executed_dir(cfg) / self.run_id  # where its executed notebooks open (checked before anything is written)
         (self.dir / "notebooks").mkdir(parents=True, exist_ok=True)
-        self.selected = ([opts.only] if opts.only else pipeline.downstream(opts.start) if opts.start else pipeline.names)
+        self.selected = ([opts.only] if opts.only else pipeline.downstream(opts.start) if opts.start else
+                         [n for n in pipeline.names if n in opts.stages] if opts.stages else pipeline.names)
         stages = (prev or {}).get("stages", {})
         # what finished in an earlier attempt keeps its record (it ran then); the rest runs now, with the same options
         self.kept = {n for n, s in stages.items() if s.get("status") in ("done", "cached") and n in pipeline.stages}
@@ -1084,11 +1090,14 @@ class _Run:
         attempts = list((prev or {}).get("attempts") or ([{"attempt": 1, "pid": prev.get("pid"), "started": prev["started"]}] if prev else []))
         if attempts: attempts[-1].update(status=prev["status"], ended=attempts[-1].get("ended") or prev.get("ended"))
         attempts.append({"attempt": self.attempt, "pid": os.getpid(), "started": time.time(), "ended": None, "status": "running"})
-        self.rec["settings"] = cfg.values()
+        from mlnb.audit import mask  # a password in a URL setting (audit_log, tracking_uri) is not kept in the record MLflow gets
+        self.rec["settings"] = {k: mask(v) if isinstance(v, str) and "://" in v else v for k, v in cfg.values().items()}
+        if opts.sweep: self.rec["sweep"] = opts.sweep
         self.rec.update(pid=os.getpid(), host=platform.node())
         self.rec.update(status="running", started=prev["started"] if prev else time.time(), ended=None, rev=(prev or {}).get("rev", 0),
                         options={"overrides": list(opts.overrides), "only": opts.only, "from": opts.start, "force": opts.force,
-                                 "jobs": opts.jobs, "timeout": opts.timeout, "scheduler": opts.scheduler},
+                                 "jobs": opts.jobs, "timeout": opts.timeout, "scheduler": opts.scheduler,
+                                 **({"stages": list(opts.stages)} if opts.stages else {})},
                         params=self.params, git=_git(cfg.root), env_digest=env_digest(cfg.kernel), resumed=bool(prev),
                         attempt=self.attempt, attempts=attempts, visible_notebooks=str(self.shown.relative_to(cfg.root.resolve())))
         def fresh(n):

@@ -939,7 +939,7 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
                             "trained_at": info["created"], "model_sha256": info["tags"].get("mlnb.model_sha256")}}
     bento_version = f"v{info['version']}-{time.strftime('%Y%m%d%H%M%S')}"
     settings["bento"] = f"{safe}:{bento_version}"
-    settings["audit_log"] = str(audit.log_path(cfg).resolve())
+    settings["audit_log"] = audit.log_location(cfg)  # an absolute path, or a PostgreSQL URL
     (ctx / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     shipped = [SETTINGS_FILE]
     for f in ("model_card.md", "model_card.html"):  # the version's card travels with it

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_tracking.ipynb #0002
 from __future__ import annotations
-import contextlib, fcntl, json, os, subprocess, sys, time, urllib.error, urllib.request
+import contextlib, fcntl, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
 from pathlib import Path
 from .config import Config, load_config
 from .errors import ConfigError, TrackingError, NotFound, ModelRefused
@@ -13,11 +13,12 @@ from .stage import skops_digest, TRUSTED_TYPES, MODEL_FILE, trusted_types
 
 
 # %% auto #0
-__all__ = ['EXPERIMENT_KIND', 'HISTORY', 'check_tracking', 'store_lock', 'watch_store', 'sync_run', 'pid_alive', 'follow_run',
-           'spawn_sync', 'start_sync', 'check_trusted', 'load_verified', 'load_version', 'version_registered',
-           'register_model', 'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions',
-           'load_model', 'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts',
-           'log_monitoring', 'read_aliases', 'version_tags', 'model_version_info']
+__all__ = ['EXPERIMENT_KIND', 'LOCK', 'LEASE', 'AUDIT_ANCHOR', 'HISTORY', 'check_tracking', 'store_lock', 'watch_store',
+           'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep', 'sync_run', 'pid_alive',
+           'follow_run', 'spawn_sync', 'start_sync', 'check_trusted', 'load_verified', 'load_version',
+           'version_registered', 'register_model', 'alias_history', 'set_alias', 'describe_version', 'rollback',
+           'list_versions', 'load_model', 'version_artifact_path', 'version_holdout', 'version_artifact',
+           'log_version_artifacts', 'log_monitoring', 'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -43,14 +44,20 @@ def check_tracking(uri: str, timeout: float = 3.0):
                         "(MLflow's file store refuses to start without MLFLOW_ALLOW_FILE_STORE, so mlnb uses SQLite)")
 
 # %% ../nbs/04_tracking.ipynb #0008
+_HELD = threading.local()  # the locks this thread holds: store lock files, and model locks by (tracking URI, model)
+
 @contextlib.contextmanager
 def store_lock(cfg: Config):
-    "Hold an exclusive lock on the project's tracking store while writing to it."
+    "Hold an exclusive lock on the project's tracking store while writing to it (taken again inside itself, it is already held)."
     cfg.state.mkdir(parents=True, exist_ok=True)
-    with open(cfg.state / "tracking.lock", "a+") as f:
+    path = os.path.realpath(cfg.state / "tracking.lock")
+    held = _HELD.__dict__.setdefault("stores", set())
+    if path in held: yield; return  # a promotion holds it from the champion comparison to the alias move
+    with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        held.add(path)
         try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        finally: held.discard(path); fcntl.flock(f, fcntl.LOCK_UN)
 
 _STORE_FILES: dict = {}
 
@@ -84,6 +91,7 @@ def _mlflow_at(uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links would land in `--json` output
     import logging, warnings
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -176,6 +184,10 @@ class _SqlRegistry:
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK"); raise
+    def set_model_tag(self, name: str, key: str, value: str):
+        self.db.execute("INSERT INTO registered_model_tags (key, value, name, workspace) VALUES (?, ?, ?, 'default') "
+                        "ON CONFLICT (workspace, key, name) DO UPDATE SET value = excluded.value", (key, value, name))
+    def delete_model_tag(self, name: str, key: str): self.db.execute(f"DELETE FROM registered_model_tags WHERE {self.W} AND key = ?", (name, key))
     def set_version_tags(self, name: str, version, tags: dict):
         self.db.executemany("INSERT INTO model_version_tags (key, value, name, version, workspace) VALUES (?, ?, ?, ?, 'default') "
                             "ON CONFLICT (workspace, key, name, version) DO UPDATE SET value = excluded.value",
@@ -205,8 +217,18 @@ class _ClientRegistry:
         except MlflowException: return []
         return [{"version": int(mv.version), "created": mv.creation_timestamp / 1000, "run_id": mv.run_id, "source": mv.source,
                  "location": None, "description": mv.description, "tags": dict(mv.tags)} for mv in mvs]
-    def move_alias(self, name: str, alias: str, version: int, key: str, value: str):
-        self.client.set_registered_model_alias(name, alias, str(version)); self.client.set_registered_model_tag(name, key, value)
+    def set_alias(self, name: str, alias: str, version: int): self.client.set_registered_model_alias(name, alias, str(version))
+    def move_alias(self, name: str, alias: str, version: int, key: str, value: str): _move_in_steps(self, name, alias, version, key, value)
+    def set_model_tag(self, name: str, key: str, value: str): self.client.set_registered_model_tag(name, key, value)
+    def delete_model_tag(self, name: str, key: str):
+        from mlflow.exceptions import MlflowException
+        try: self.client.delete_registered_model_tag(name, key)
+        except MlflowException: pass  # gone already
+    def create_model(self, name: str):
+        from mlflow.exceptions import MlflowException
+        try: self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
     def set_version_tags(self, name: str, version, tags: dict):
         for k, v in tags.items(): self.client.set_model_version_tag(name, str(version), k, str(v))
     def describe(self, name: str, version, text: str): self.client.update_model_version(name, str(version), description=text)
@@ -219,6 +241,7 @@ def _registry(uri: str, cfg: Config | None = None, lock: bool = False):
     import sqlite3
     path = _sqlite_store(uri)
     if path is None:
+        if _rest_server(uri): yield _RestRegistry(uri); return
         if cfg is not None:
             with _client(cfg) as client: yield _ClientRegistry(client)
             return
@@ -246,6 +269,299 @@ def _version_of(reg, name: str, version) -> dict:
         known = sorted(v["version"] for v in reg.versions(name))
         raise NotFound(f"model '{name}' has no version {version!r}; versions: {', '.join(map(str, known)) or 'none'}")
     return found[0]
+
+# %% ../nbs/04_tracking.ipynb #srv00002
+_CLIENT_ONLY = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+                "MLFLOW_TRACKING_AUTH", "MLFLOW_ENABLE_WORKSPACES", "MLFLOW_WORKSPACE")
+
+def _rest_server(uri: str) -> bool:
+    "Whether mlnb talks to the tracking server at `uri` itself: HTTP(S) with at most a token or a user and password."
+    return uri.startswith(("http://", "https://")) and not any((os.environ.get(k) or "").lower() not in ("", "0", "false") for k in _CLIENT_ONLY)
+
+class _RestRegistry:
+    "MLflow's registry on a tracking server, through its REST API with `urllib` (what `MlflowClient` sends, without importing it)."
+    def __init__(self, uri: str, retries: int = 2, timeout: float = 20.0):
+        import base64
+        self.uri, self.retries, self.timeout = uri.rstrip("/"), retries, timeout
+        self.headers = {"Content-Type": "application/json", "User-Agent": "mlnb"}
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"): self.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    def close(self): pass
+    def call(self, method: str, endpoint: str, body: dict | None = None, missing_ok: bool = False) -> dict | None:
+        "One API call; None for a missing resource when `missing_ok`; retried on connection errors, 429 and 5xx; errors are ours."
+        from urllib.parse import urlencode
+        url, data = f"{self.uri}/api/2.0/mlflow/{endpoint}", None
+        if method == "GET" and body: url += "?" + urlencode(body)
+        elif body is not None: data = json.dumps(body).encode()
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(url, data=data, method=method, headers=self.headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as r: return json.loads(r.read() or b"{}")
+            except urllib.error.HTTPError as e:
+                try: err = json.loads(e.read() or b"{}")
+                except ValueError: err = {}
+                code = err.get("error_code") or f"HTTP {e.code}"
+                if missing_ok and code == "RESOURCE_DOES_NOT_EXIST": return None
+                if (e.code == 429 or e.code >= 500) and attempt < self.retries: time.sleep(0.2 * 3 ** attempt); continue
+                raise TrackingError(f"MLflow at {self.uri} refused a request: {code}: {err.get('message') or e.reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                if attempt < self.retries: time.sleep(0.2 * 3 ** attempt); continue
+                raise TrackingError(f"MLflow tracking server {self.uri} is unreachable ({getattr(e, 'reason', e)})") from None
+    def model(self, name: str) -> dict | None:
+        rm = (self.call("GET", "registered-models/get", {"name": name}, missing_ok=True) or {}).get("registered_model")
+        if rm is None: return None
+        return {"name": name, "tags": {t["key"]: t.get("value", "") for t in rm.get("tags", [])},
+                "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])}}
+    @staticmethod
+    def _version(mv: dict) -> dict:
+        return {"version": int(mv["version"]), "created": int(mv.get("creation_timestamp") or 0) / 1000, "run_id": mv.get("run_id"),
+                "source": mv.get("source"), "location": None, "description": mv.get("description") or None,
+                "tags": {t["key"]: t.get("value", "") for t in mv.get("tags", [])}}
+    def versions(self, name: str, version=None) -> list:
+        if version is not None:
+            mv = (self.call("GET", "model-versions/get", {"name": name, "version": str(int(version))}, missing_ok=True) or {}).get("model_version")
+            return [self._version(mv)] if mv else []
+        out, token = [], None
+        while True:
+            q = {"filter": f"name = '{name}'", "max_results": 10000, **({"page_token": token} if token else {})}
+            page = self.call("GET", "model-versions/search", q) or {}
+            out += [self._version(mv) for mv in page.get("model_versions", [])]
+            token = page.get("next_page_token")
+            if not token: return out
+    def set_model_tag(self, name: str, key: str, value: str):
+        self.call("POST", "registered-models/set-tag", {"name": name, "key": key, "value": value})
+    def delete_model_tag(self, name: str, key: str):
+        self.call("DELETE", "registered-models/delete-tag", {"name": name, "key": key}, missing_ok=True)
+    def create_model(self, name: str):
+        try: self.call("POST", "registered-models/create", {"name": name})
+        except TrackingError as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e): raise
+    def set_alias(self, name: str, alias: str, version: int):
+        self.call("POST", "registered-models/alias", {"name": name, "alias": alias, "version": str(int(version))})
+    def move_alias(self, name: str, alias: str, version: int, key: str, value: str): _move_in_steps(self, name, alias, version, key, value)
+    def set_version_tags(self, name: str, version, tags: dict):
+        for k, v in tags.items(): self.call("POST", "model-versions/set-tag", {"name": name, "version": str(int(version)), "key": k, "value": str(v)})
+    def describe(self, name: str, version, text: str):
+        self.call("PATCH", "model-versions/update", {"name": name, "version": str(int(version)), "description": text})
+    def model_dir(self, name: str, version) -> Path | None: return None
+    def artifact_dir(self, run_id: str) -> Path | None: return None
+    def download(self, route: str, query: dict, dest: Path) -> Path | None:
+        "A file the server serves (`get-artifact` of a run, `model-versions/get-artifact` of a version) saved as `dest`; None if there is none."
+        import shutil
+        from urllib.parse import urlencode
+        req = urllib.request.Request(f"{self.uri}/{route}?{urlencode(query)}", headers=self.headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r, open(dest, "wb") as f: shutil.copyfileobj(r, f)
+        except urllib.error.HTTPError as e:
+            if e.code == 404: return None
+            raise TrackingError(f"MLflow at {self.uri} refused to send {query.get('path')}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"MLflow tracking server {self.uri} is unreachable ({getattr(e, 'reason', e)})") from None
+        return dest
+    def fetch_model(self, name: str, version, folder: Path) -> Path | None:
+        "The version's model file, downloaded into `folder` (nothing else of the model is read)."
+        return self.download("model-versions/get-artifact", {"name": name, "version": str(int(version)), "path": MODEL_FILE}, folder / MODEL_FILE)
+    def fetch_artifact(self, run_id: str, path: str, folder: Path) -> Path | None:
+        return self.download("get-artifact", {"run_id": run_id, "path": path}, folder / Path(path).name)
+
+# %% ../nbs/04_tracking.ipynb #srv00004
+LOCK, LEASE = "mlnb.lock.", 30.0  # the lock tags' prefix; seconds a lock tag may stay unchanged before its owner counts as gone
+
+class _ServerLock:
+    "Lamport's bakery on a registered model's tags: one holder at a time among every process that uses this registry."
+    def __init__(self, reg, name: str, lease: float = LEASE, poll: float = 0.2):
+        import socket, uuid
+        self.reg, self.name, self.lease, self.poll = reg, name, lease, poll
+        host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:60]
+        self.key, self.who = f"{LOCK}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}", f"{actor()} on {host} (pid {os.getpid()})"
+        self.ticket, self.beat, self.lost = 0, 0, False
+        self._seen: dict = {}  # another lock tag -> (its value, since when this process has seen it unchanged)
+        self._stop, self._thread = threading.Event(), None
+    def _write(self, choosing: bool):
+        self.beat += 1
+        self.reg.set_model_tag(self.name, self.key, json.dumps({"ticket": self.ticket, "choosing": choosing, "who": self.who, "beat": self.beat}))
+    def _tags(self) -> dict:
+        rm = self.reg.model(self.name)
+        if rm is None: raise NotFound(f"registered model '{self.name}' was deleted while it was being promoted")
+        return rm["tags"]
+    def _others(self, tags: dict) -> dict:
+        "The other lock tags, each with `stale` once it has not changed for the lease."
+        now, out = time.monotonic(), {}
+        for k, v in tags.items():
+            if not k.startswith(LOCK) or k == self.key: continue
+            if self._seen.get(k, (None,))[0] != v: self._seen[k] = (v, now)
+            try: e = json.loads(v)
+            except ValueError: e = {}
+            out[k] = {**e, "stale": now - self._seen[k][1] > self.lease}
+        return out
+    def _doorway(self):
+        self.ticket = 0; self._write(True)
+        self.ticket = 1 + max([int(e.get("ticket") or 0) for e in self._others(self._tags()).values()], default=0)
+        self._write(False)
+    def acquire(self, timeout: float):
+        import random
+        t0 = beat = time.monotonic()
+        self._doorway()
+        while True:
+            tags = self._tags()
+            if self.key not in tags: self._doorway(); continue  # taken for a crashed process's (this one was paused): queue again
+            others = self._others(tags)
+            stale = [k for k, e in others.items() if e["stale"]]
+            for k in stale: self.reg.delete_model_tag(self.name, k)
+            ahead = [e for k, e in others.items() if not e["stale"] and (e.get("choosing") or (e.get("ticket") and (int(e["ticket"]), k) < (self.ticket, self.key)))]
+            if not ahead and not stale: break
+            if time.monotonic() - t0 > timeout:
+                self.release()
+                raise TrackingError(f"model '{self.name}' is being changed by {ahead[0].get('who', 'another process') if ahead else 'another process'}; "
+                                    f"gave up waiting after {timeout:g} s (the lock of a process that died frees itself after {self.lease:g} s)")
+            if time.monotonic() - beat > self.lease / 4: self._write(False); beat = time.monotonic()  # waiting is alive too
+            time.sleep(self.poll * (0.5 + random.random()))
+        self._thread = threading.Thread(target=self._keep, daemon=True, name="mlnb-model-lock"); self._thread.start()
+        return self
+    def _keep(self):
+        "Rewrite the tag while the lock is held, so others see its owner alive; stop if someone took it away."
+        while not self._stop.wait(self.lease / 6):
+            try:
+                if self.key not in self._tags(): self.lost = True; return
+                self._write(False)
+            except Exception: pass  # the server is briefly out of reach: the next beat tries again
+    def check(self):
+        "Raise unless this process still holds the lock (call it right before a write that must not happen twice)."
+        if self.lost or self.key not in self._tags():
+            self.lost = True
+            raise TrackingError(f"lost the lock of model '{self.name}': this process was paused longer than its lease of {self.lease:g} s "
+                                "and another took over; nothing was moved, try again")
+    def release(self):
+        self._stop.set()
+        if self._thread is not None: self._thread.join(5)
+        try: self.reg.delete_model_tag(self.name, self.key)
+        except TrackingError: pass  # unreachable now: the tag goes stale and the next promoter removes it
+
+@contextlib.contextmanager
+def model_lock(cfg: Config, name: str | None = None,
+               create: bool = False,       # register the model first if it does not exist yet (the lock lives on it)
+               timeout: float = 600.0,     # seconds to wait for another process's promotion
+              ):
+    "Hold the lock under which a model's versions and aliases change: the store lock on SQLite, the bakery on a server; re-entrant."
+    name = name or cfg.model_name
+    if not cfg.tracking_uri.startswith(("http://", "https://")):
+        with store_lock(cfg): yield None
+        return
+    held, key = _HELD.__dict__.setdefault("models", {}), (cfg.tracking_uri, name)
+    if key in held: yield held[key]; return
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        if reg.model(name) is None:
+            if not create: yield None; return  # nothing to protect: the caller finds no model and says so
+            reg.create_model(name)
+        lock = _ServerLock(reg, name).acquire(timeout)
+        held[key] = lock
+        try: yield lock
+        finally: held.pop(key, None); lock.release()
+
+def _move_in_steps(reg, name: str, alias: str, version: int, key: str, value: str):
+    "An alias move and its history record where no transaction holds both: the record marked pending, the alias, the record settled."
+    reg.set_model_tag(name, key, json.dumps({**json.loads(value), "pending": True}))
+    reg.set_alias(name, alias, version)
+    reg.set_model_tag(name, key, value)
+
+def _settle_pending(cfg: Config, reg, name: str, rm: dict) -> dict:
+    "Settle the record of an alias move that was cut off: kept (and audited) if the alias moved, deleted if not; the model as it is now."
+    pending = {k: e for k, v in rm["tags"].items() if k.startswith(HISTORY) for e in [json.loads(v)] if e.get("pending")}
+    for k, e in sorted(pending.items()):
+        e.pop("pending", None)
+        if rm["aliases"].get(e["alias"]) != e["to"]: reg.delete_model_tag(name, k); continue
+        reg.set_model_tag(name, k, json.dumps(e))
+        audit_record(cfg, {"promote": "model.promoted", "rollback": "model.rolled_back"}.get(e["kind"], "model.alias_set"),
+                     {"model": name, "version": e["to"], "alias": e["alias"]},
+                     {"from": e["from"], "to": e["to"], "why": e["why"], "history_seq": e["seq"], "moved_by": e["who"], "settled_later": True})
+    return reg.model(name) if pending else rm
+
+# %% ../nbs/04_tracking.ipynb #anc00002
+AUDIT_ANCHOR = "mlnb.audit_head"  # the experiment tag that keeps a PostgreSQL audit log's head outside its database
+
+def _anchor_place(cfg: Config) -> str | None:
+    "Where the project's audit log is anchored: a PostgreSQL log on an MLflow server is; anything else is not (None)."
+    from mlnb.audit import log_path, mask
+    if not isinstance(log_path(cfg), str) or not cfg.tracking_uri.startswith(("http://", "https://")): return None
+    return f"tag {AUDIT_ANCHOR} of experiment '{cfg.experiment}' on {mask(cfg.tracking_uri)}"
+
+def _anchor_of(tags: dict, place: str) -> dict | None:
+    value = tags.get(AUDIT_ANCHOR)
+    if value is None: return None
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        raise TrackingError(f"the audit log's anchor ({place}) holds {value!r}, not 'SEQ HASH': it was edited; "
+                            "once it is deleted, `mlnb audit verify` anchors the log it has checked")
+    return {"seq": int(parts[0]), "hash": parts[1], "where": place}
+
+def _experiment_tags(cfg: Config, create: bool = False) -> tuple:
+    "(id, tags) of the project's experiment on the server, made first if `create`; (None, {}) if there is none."
+    if not _rest_server(cfg.tracking_uri):
+        with _client(cfg) as client:
+            if create: exp_id = _experiment_id(client, cfg); return exp_id, dict(client.get_experiment(exp_id).tags)
+            exp = client.get_experiment_by_name(cfg.experiment)
+            return (exp.experiment_id, dict(exp.tags)) if exp else (None, {})
+    rest = _RestRegistry(cfg.tracking_uri)
+    for attempt in (1, 2):
+        exp = (rest.call("GET", "experiments/get-by-name", {"experiment_name": cfg.experiment}, missing_ok=True) or {}).get("experiment")
+        if exp: return exp["experiment_id"], {t["key"]: t.get("value", "") for t in exp.get("tags", [])}
+        if not create or attempt == 2: return None, {}
+        try: rest.call("POST", "experiments/create", {"name": cfg.experiment, "tags": [{"key": EXPERIMENT_KIND, "value": "custom_model_development"}]})
+        except TrackingError as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e): raise  # made by another process meanwhile: read it again
+
+def _set_experiment_tag(cfg: Config, exp_id: str, key: str, value: str):
+    if _rest_server(cfg.tracking_uri):
+        _RestRegistry(cfg.tracking_uri).call("POST", "experiments/set-experiment-tag", {"experiment_id": exp_id, "key": key, "value": value})
+    else:
+        with _client(cfg) as client: client.set_experiment_tag(exp_id, key, value)
+
+def read_audit_anchor(cfg: Config) -> dict | None:
+    "The audit log's head as anchored on the tracking server (`seq`, `hash`, `where`); None if it is not, or cannot be, anchored there."
+    place = _anchor_place(cfg)
+    return None if place is None else _anchor_of(_experiment_tags(cfg)[1], place)
+
+def anchor_audit_head(cfg: Config,
+                      head: dict | None = None,  # `seq` and `hash`; default: the newest event this process appended
+                     ) -> dict | None:
+    "Anchor the audit log's head on the tracking server unless a later one is there; the anchor, or None with nothing to anchor or nowhere."
+    from mlnb.audit import appended_head
+    place, head = _anchor_place(cfg), head or appended_head(cfg)
+    if place is None or head is None: return None
+    import random
+    exp_id, tags = _experiment_tags(cfg, create=True)
+    for attempt in range(6):  # writers on other machines anchor too: the latest head stays, checked again after each write
+        now = _anchor_of(tags, place)
+        if now and now["seq"] >= head["seq"]: return now
+        try: _set_experiment_tag(cfg, exp_id, AUDIT_ANCHOR, f"{head['seq']} {head['hash']}")
+        except TrackingError as e:  # MLflow's set-tag reads, then inserts: two at once collide on the tag's key
+            said = str(e).lower()
+            if attempt == 5 or not any(w in said for w in ("unique", "duplicate", "already exists")): raise
+            time.sleep(0.05 * (1 + random.random()) * (attempt + 1))
+        tags = _experiment_tags(cfg)[1]
+    return _anchor_of(tags, place)
+
+# %% ../nbs/04_tracking.ipynb #0012t
+def open_sweep(cfg: Config, sweep_id: str, spec: dict, select: str, user: str = "") -> str:
+    "The MLflow run of a sweep: the parent of its trials' pipeline runs, with the swept values as parameters; returns its id."
+    with _runs(cfg) as store:
+        exp = store.experiment()
+        with store.batch():
+            rid = store.create(exp, int(time.time() * 1000), {"mlflow.runName": f"sweep {sweep_id}", "mlflow.user": user})
+            store.log(rid, params={**{f"sweep.{k}": ", ".join(map(str, v)) for k, v in spec.items()}, "sweep.select": select},
+                      tags={"mlnb.kind": "sweep", "mlnb.sweep_id": sweep_id, "mlnb.status": "running"})
+    return rid
+
+def close_sweep(cfg: Config, run_id: str, status: str, metrics: dict, tags: dict, table: str):
+    "End a sweep's MLflow run: the best trial's metrics, which trial won, and the table of trials (`sweep/trials.md`)."
+    with _runs(cfg) as store:
+        with store.batch():
+            store.log(run_id, metrics=metrics, tags={**tags, "mlnb.status": status})
+            store.log_text(run_id, table, "sweep/trials.md")
+            store.end(run_id, _STATUS.get(status, "FINISHED"), end_time=int(time.time() * 1000))
+
 
 # %% ../nbs/04_tracking.ipynb #0010
 def _stage_tags(rec: dict, name: str, st: dict, parent: str) -> dict:
@@ -496,6 +812,9 @@ def _runs(cfg: Config, client: bool = False):
     "Where a sync writes, under the store lock: the SQLite store itself when mlnb knows it (and not `client`), else `MlflowClient`."
     import sqlite3
     path = None if client else _direct_runs(cfg)
+    if path is None and not client and _rest_runs(cfg):  # a tracking server with proxied artifacts: its REST API, no mlflow import
+        with store_lock(cfg): yield _RestRuns(cfg)
+        return
     if path is None:
         with _client(cfg) as c: yield _ClientRuns(c, cfg)
         if not client and cfg.tracking_uri.startswith("sqlite:///"): _keep_template()  # mlflow is imported now: the next new project need not
@@ -505,6 +824,79 @@ def _runs(cfg: Config, client: bool = False):
         with store_lock(cfg): yield store
     except sqlite3.Error as e: raise TrackingError(f"the MLflow store {path} refused a request: {e}") from e
     finally: store.close()
+
+# %% ../nbs/04_tracking.ipynb #srv00008
+class _RestRuns(_RestRegistry):
+    "A pipeline run's MLflow writes as calls to a tracking server's REST API, artifacts through its proxy (what `_ClientRuns` does)."
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.tracking_uri); self.cfg, self._where = cfg, {}  # run id -> its artifact URI
+    def batch(self): return contextlib.nullcontext()
+    def experiment(self) -> str: return _rest_experiment(self, self.cfg)[0]
+    def exists(self, run_id: str) -> bool: return self.call("GET", "runs/get", {"run_id": run_id}, missing_ok=True) is not None
+    def create(self, exp_id: str, start: int, tags: dict) -> str:
+        run = self.call("POST", "runs/create", {"experiment_id": str(exp_id), "user_id": tags.get("mlflow.user", "unknown"), "start_time": int(start),
+                                                "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]})
+        self._where[run["run"]["info"]["run_id"]] = run["run"]["info"]["artifact_uri"]
+        return run["run"]["info"]["run_id"]
+    def log(self, run_id: str, params: dict = {}, metrics: dict = {}, tags: dict = {}, ts: int | None = None):
+        "What `_log` sends through `MlflowClient.log_batch`, in batches of 100."
+        import math
+        ts = ts or int(time.time() * 1000)
+        num = lambda v: "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity") if math.isinf(v) else v  # protobuf's JSON
+        ps = [{"key": str(k), "value": str(v)[:6000]} for k, v in params.items()]
+        ms = [{"key": _metric_name(k), "value": num(float(v)), "timestamp": ts, "step": 0} for k, v in metrics.items()]
+        tg = [{"key": str(k), "value": str(v)} for k, v in tags.items()]
+        for i in range(0, max(len(ps), len(ms), len(tg), 1), 100):
+            self.call("POST", "runs/log-batch", {"run_id": run_id, "metrics": ms[i:i + 100], "params": ps[i:i + 100], "tags": tg[i:i + 100]})
+    def _put(self, run_id: str, data: bytes, rel: str):
+        "Upload one artifact file to the server's artifact proxy, under the run's artifact folder."
+        import mimetypes
+        from urllib.parse import quote, urlparse
+        if run_id not in self._where: self._where[run_id] = self.call("GET", "runs/get", {"run_id": run_id})["run"]["info"]["artifact_uri"]
+        base = urlparse(self._where[run_id]).path.strip("/")
+        req = urllib.request.Request(f"{self.uri}/api/2.0/mlflow-artifacts/artifacts/{quote(base)}/{quote(rel)}", data=data, method="PUT",
+                                     headers={**self.headers, "Content-Type": mimetypes.guess_type(rel)[0] or "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=max(self.timeout, 120)) as r: r.read()
+        except urllib.error.HTTPError as e:
+            raise TrackingError(f"MLflow at {self.uri} refused the artifact {rel}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"MLflow tracking server {self.uri} is unreachable ({getattr(e, 'reason', e)})") from None
+    def log_file(self, run_id: str, path: Path, folder: str | None = None):
+        self._put(run_id, Path(path).read_bytes(), f"{folder}/{Path(path).name}" if folder else Path(path).name)
+    def log_text(self, run_id: str, text: str, file: str): self._put(run_id, text.encode("utf-8"), file)
+    def end(self, run_id: str, status: str, end_time: int | None = None):
+        self.call("POST", "runs/update", {"run_id": run_id, "run_uuid": run_id, "status": status, "end_time": int(end_time or time.time() * 1000)})
+    def reopen(self, run_id: str): self.call("POST", "runs/update", {"run_id": run_id, "run_uuid": run_id, "status": "RUNNING"})
+    def same_version(self, mv: dict) -> bool:
+        found = self.versions(mv["name"], mv["version"])
+        return bool(found) and (not mv.get("model_sha256") or found[0]["tags"].get("mlnb.model_sha256") == mv["model_sha256"])
+    def tag_version(self, name: str, version, tags: dict): self.set_version_tags(name, version, tags)
+
+_REST_EXPERIMENTS: dict = {}
+
+def _rest_experiment(reg: _RestRegistry, cfg: Config) -> tuple:
+    "(id, artifact location) of the project's experiment on the server, made as `_experiment_id` makes it if it does not exist yet."
+    key = (cfg.tracking_uri, cfg.experiment)
+    if key not in _REST_EXPERIMENTS:
+        exp = (reg.call("GET", "experiments/get-by-name", {"experiment_name": cfg.experiment}, missing_ok=True) or {}).get("experiment")
+        if exp is None:
+            try: reg.call("POST", "experiments/create", {"name": cfg.experiment, "tags": [{"key": EXPERIMENT_KIND, "value": "custom_model_development"}]})
+            except TrackingError as e:
+                if "RESOURCE_ALREADY_EXISTS" not in str(e): raise  # another process made it meanwhile
+            exp = reg.call("GET", "experiments/get-by-name", {"experiment_name": cfg.experiment})["experiment"]
+        elif EXPERIMENT_KIND not in {t["key"] for t in exp.get("tags", [])}:
+            reg.call("POST", "experiments/set-experiment-tag", {"experiment_id": exp["experiment_id"], "key": EXPERIMENT_KIND, "value": "custom_model_development"})
+        if exp.get("lifecycle_stage", "active") != "active":
+            raise TrackingError(f"experiment '{cfg.experiment}' at {cfg.tracking_uri} is deleted; restore it in the MLflow UI or set another `experiment`")
+        _REST_EXPERIMENTS[key] = (str(exp["experiment_id"]), exp.get("artifact_location") or "")
+    return _REST_EXPERIMENTS[key]
+
+def _rest_runs(cfg: Config) -> bool:
+    "Whether a run's sync talks to the tracking server itself: a server mlnb speaks to, whose experiment's artifacts it proxies."
+    if not _rest_server(cfg.tracking_uri): return False
+    try: return _rest_experiment(_RestRegistry(cfg.tracking_uri, retries=1), cfg)[1].startswith("mlflow-artifacts:")
+    except TrackingError: return False  # unreachable or refused: MLflow's client says why, in the follower's log
 
 # %% ../nbs/04_tracking.ipynb #0011
 _HTML: dict = {}
@@ -575,6 +967,12 @@ def _sync_record(store, cfg: Config, rec: dict, run_dir: Path, tr: dict, new: li
                 "mlnb.run_dir": str(run_dir), "mlnb.version": rec.get("mlnb_version", ""),
                 "mlnb.data_digest": rec.get("data_digest") or "", "mlflow.source.git.commit": git.get("commit") or "",
                 "mlnb.git.commit": git.get("commit") or "", "mlnb.git.dirty": str(git.get("dirty", "")).lower()}
+        sweep = rec.get("sweep") or {}
+        if sweep.get("parent_run_id"):  # a sweep's trial: nested under the sweep's run, so the MLflow UI compares the trials
+            tags.update({"mlflow.parentRunId": sweep["parent_run_id"], "mlnb.sweep_id": sweep["id"], "mlnb.trial": str(sweep.get("trial", "")),
+                         "mlflow.runName": {"final": f"sweep {sweep['id']}: the best trial, registered",
+                                            "before": f"sweep {sweep['id']}: the stages before the trials"}.get(sweep.get("trial"))
+                                           or f"trial {sweep.get('trial')} " + " ".join(f"{k}={v}" for k, v in (sweep.get("params") or {}).items())})
         with store.batch():
             parent = store.create(exp_id, int(rec["started"] * 1000), tags)
             store.log(parent, params={f"{s}.{k}": v for s, ps in rec.get("params", {}).items() for k, v in ps.items()})
@@ -625,7 +1023,7 @@ def pid_alive(pid) -> bool:
 
 def _warm_up(cfg: Config):
     "Pay, while a stage runs, for what the first sync needs: the HTML renderer, and mlflow's import unless mlnb writes the store itself."
-    if _direct_runs(cfg) is None: _mlflow(cfg)
+    if _direct_runs(cfg) is None and not _rest_runs(cfg): _mlflow(cfg)
     import nbformat
     _notebook_html_of(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# x"), nbformat.v4.new_code_cell("x = 1")]))
 
@@ -693,7 +1091,7 @@ def start_sync(cfg: Config, run_dir: Path | str,
                pages: bool = True, # render the notebooks' HTML pages before the last sync ends (False: a process of their own does, after)
               ):
     "Follow a run into MLflow while it goes on: from a thread when mlnb writes the store itself, else from a detached process."
-    return _Follower(cfg, run_dir, pages) if _direct_runs(cfg) else spawn_sync(cfg, run_dir)
+    return _Follower(cfg, run_dir, pages) if _direct_runs(cfg) or _rest_runs(cfg) else spawn_sync(cfg, run_dir)
 
 # %% ../nbs/04_tracking.ipynb #a99cc570
 def check_trusted(found: list, trusted: list, what: str = "the model"):
@@ -737,11 +1135,17 @@ def _download_model(tracking_uri: str, name: str, version) -> Path:
 def load_version(tracking_uri: str, name: str, version, trusted: list | None = None):
     "The model of one registered version, read from the store at `tracking_uri` and checked against its registered digest."
     import shutil
+    import tempfile
     with _registry(tracking_uri) as reg:
-        expected, folder = _version_of(reg, name, version)["tags"].get("mlnb.model_sha256"), reg.model_dir(name, version)
+        expected, folder, local = _version_of(reg, name, version)["tags"].get("mlnb.model_sha256"), reg.model_dir(name, version), None
+        if folder is None and isinstance(reg, _RestRegistry):  # a tracking server sends the model file itself: no mlflow import
+            local = Path(tempfile.mkdtemp(prefix="mlnb-model-"))
+            try: found = reg.fetch_model(name, version, local)
+            except BaseException: shutil.rmtree(local, ignore_errors=True); raise
+            if found is None: shutil.rmtree(local, ignore_errors=True); local = None
     what = f"model '{name}' version {version}"
     if folder is not None: return load_verified(folder, expected, trusted, what)  # a local store: read in place, once
-    local = _download_model(tracking_uri, name, version)
+    local = local or _download_model(tracking_uri, name, version)  # anything else: through MLflow's client
     try: return load_verified(local, expected, trusted, what)
     finally: shutil.rmtree(local, ignore_errors=True)
 
@@ -788,8 +1192,8 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
     example = example.head(5)
     signature = infer_signature(example, model.predict(example))
     run_tags = {"mlflow.runName": ctx["stage"], "mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"], "mlflow.user": actor()}
-    # one lock from the search to the new version: two runs registering the same model at once make one version
-    with _client(cfg) as client:
+    # one lock from the search to the new version: two runs registering the same model at once make one version (on any machine)
+    with model_lock(cfg, name, create=True), _client(cfg) as client:
         same = client.search_model_versions(f"name = '{name}' and tags.`mlnb.model_sha256` = '{digest}'")
         if same:  # the same model registered before (a rerun after a later stage failed): no second version
             mv = min(same, key=lambda v: int(v.version))
@@ -820,7 +1224,8 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
         mv_tags = {"mlnb.run_id": ctx.get("run_id") or "interactive", "mlnb.stage": ctx["stage"],
                    "mlnb.git.commit": git.get("commit") or "", "mlnb.git.dirty": str(git.get("dirty")).lower(), **(tags or {})}
         if digest: mv_tags["mlnb.model_sha256"] = digest
-        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags={k: str(v) for k, v in mv_tags.items()})
+        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags={k: str(v) for k, v in mv_tags.items()},
+                                         model_id=info.model_id)  # a tracking server refuses a `models:/m-...` source without its id
         client.set_terminated(run_id)
         audit_record(cfg, "model.registered", {"model": name, "version": mv.version, "run": ctx.get("run_id") or "interactive", "mlflow_run": run_id},
                      {"model_sha256": digest, "git": git})
@@ -836,14 +1241,17 @@ HISTORY = "mlnb.alias_history."
 def alias_history(cfg: Config, name: str | None = None) -> list:
     "Every alias move of the model, oldest first."
     name = name or cfg.model_name
-    with _registry(cfg.tracking_uri, cfg) as reg:
-        return [json.loads(v) for k, v in sorted(_model_of(reg, name)["tags"].items()) if k.startswith(HISTORY)]
+    with _registry(cfg.tracking_uri, cfg) as reg: return _history(_model_of(reg, name))
+
+def _history(rm: dict) -> list:
+    "The alias moves recorded in a model's tags, oldest first; a move cut off half-way (pending) is not one."
+    return [e for k, v in sorted(rm["tags"].items()) if k.startswith(HISTORY) for e in [json.loads(v)] if not e.get("pending")]
 
 def set_alias(cfg: Config, alias: str, version, reason: str, kind: str = "set", name: str | None = None) -> dict:
-    "Point `alias` at `version` and record the move; returns the recorded event."
+    "Point `alias` at `version` and record the move, under the model's lock; returns the recorded event."
     name = name or cfg.model_name
-    with _registry(cfg.tracking_uri, cfg, lock=True) as reg:
-        rm = _model_of(reg, name)
+    with model_lock(cfg, name) as lock, _registry(cfg.tracking_uri, cfg, lock=True) as reg:
+        rm = _settle_pending(cfg, reg, name, _model_of(reg, name))
         version = _version_of(reg, name, version)["version"]
         seq = 1 + max([int(k[len(HISTORY):]) for k in rm["tags"] if k.startswith(HISTORY)], default=0)
         prev = rm["aliases"].get(alias)
@@ -851,7 +1259,8 @@ def set_alias(cfg: Config, alias: str, version, reason: str, kind: str = "set", 
                  "who": actor(), "when": time.time(), "why": reason}
         if prev is not None and int(prev) == version:  # nothing moves: not a promotion, not a deployment, not in the history
             return {**event, "seq": None, "kind": "unchanged"}
-        reg.move_alias(name, alias, version, f"{HISTORY}{seq:06d}", json.dumps(event))  # one transaction on SQLite
+        if lock is not None: lock.check()  # still the holder: a process paused past its lease moves nothing
+        reg.move_alias(name, alias, version, f"{HISTORY}{seq:06d}", json.dumps(event))  # one transaction on SQLite; three steps on a server
         for v in {version, event["from"]} - {None}: _describe_version(reg, name, v)
         kind = {"promote": "model.promoted", "rollback": "model.rolled_back"}.get(kind, "model.alias_set")
         audit_record(cfg, kind, {"model": name, "version": version, "alias": alias},
@@ -872,8 +1281,7 @@ def _describe_version(reg, name: str, version) -> str:
         lines += ["", f"Gates ({'all passed' if t.get('mlnb.gates.passed') == 'true' else 'failed'}):", "", "| gate | value | limit | |", "|---|---|---|---|"]
         lines += [f"| {g.get('gate')} | {g.get('value') if not isinstance(g.get('value'), float) else format(g['value'], '.4g')} | {g.get('limit')} | "
                   f"{'pass' if g.get('passed') else 'FAIL: ' + str(g.get('reason', ''))} |" for g in gates]
-    moves = [json.loads(v) for k, v in sorted(rm["tags"].items()) if k.startswith(HISTORY)]
-    moves = [e for e in moves if int(version) in (e.get("to"), e.get("from"))]
+    moves = [e for e in _history(rm) if int(version) in (e.get("to"), e.get("from"))]
     if moves:
         lines += ["", "Alias history:"]
         lines += [f"- {_when(e['when'])}: {e['alias']} {'to' if e['to'] == int(version) else 'moved away, to v' + str(e['to'])}"
@@ -897,11 +1305,14 @@ def _champion_line(history: list) -> list:
     return line
 
 def rollback(cfg: Config, reason: str, name: str | None = None) -> dict:
-    "Move `champion` back to the champion before it."
-    line = _champion_line(alias_history(cfg, name))
-    if len(line) < 2:
-        raise NotFound(f"no earlier champion to roll back to (champion history: {', '.join(f'v{v}' for v in line) or 'empty'})")
-    return set_alias(cfg, "champion", line[-2], reason, kind="rollback", name=name)
+    "Move `champion` back to the champion before it (read and moved under the model's lock)."
+    name = name or cfg.model_name
+    with model_lock(cfg, name):
+        with _registry(cfg.tracking_uri, cfg) as reg: _settle_pending(cfg, reg, name, _model_of(reg, name))  # a move cut off counts if it happened
+        line = _champion_line(alias_history(cfg, name))
+        if len(line) < 2:
+            raise NotFound(f"no earlier champion to roll back to (champion history: {', '.join(f'v{v}' for v in line) or 'empty'})")
+        return set_alias(cfg, "champion", line[-2], reason, kind="rollback", name=name)
 
 def list_versions(cfg: Config, name: str | None = None) -> list:
     "Versions of the model, newest first, with aliases and mlnb tags."
@@ -932,6 +1343,9 @@ def version_artifact_path(cfg: Config, version, path: str, name: str | None = No
     with _registry(cfg.tracking_uri, cfg) as reg:
         run_id = _version_of(reg, name, version)["run_id"]
         folder = reg.artifact_dir(run_id)
+        if folder is None and isinstance(reg, _RestRegistry):  # a tracking server sends the file itself: no mlflow import
+            import tempfile
+            return reg.fetch_artifact(run_id, path, Path(tempfile.mkdtemp(prefix="mlnb-artifact-")))
     if folder is not None:  # a local artifact store: the file itself, no copy and no mlflow import
         f = (folder / path).resolve()
         return f if f.is_file() and f.is_relative_to(folder.resolve()) else None

@@ -43,6 +43,10 @@ ONE_WORKER = ("test_reference.py", "test_registry.py", "test_serving.py", "test_
 # Modules of long tests that make projects of their own: handed out between the modules above, so that while one worker
 # waits for the session's reference run (which those modules start from) the other has long work that does not.
 LONG_ALONE = ("test_new.py", "test_monitor.py")
+# Modules that use the session's `team_stack` (PostgreSQL, an MLflow server and a Dask cluster on 127.0.0.1): with xdist
+# they are one scope, so one worker runs them all and the stack starts once; handed out first (the longest scope).
+TEAM = ("test_stack.py", "test_dask.py", "test_team_tracking.py", "test_team_audit.py")
+TEAM_SCOPE = "team-stack"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist already keeps every core busy: OpenMP threads in each worker's stages (scikit-learn's training) would only
@@ -51,22 +55,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's `loadscope` scheduling with a scope per module of ONE_WORKER and a scope per test elsewhere. (xdist's own
-    `--dist loadgroup` does this with marks, but silently stops grouping on pytest 9.2: pytest-xdist#1386.) The shared
-    modules go first, each followed by a test of LONG_ALONE, then the rest in order."""
+    """xdist's `loadscope` scheduling with a scope per module of ONE_WORKER, one scope for all the TEAM modules, and a
+    scope per test elsewhere. (xdist's own `--dist loadgroup` does this with marks, but silently stops grouping on
+    pytest 9.2: pytest-xdist#1386.) The TEAM scope goes first, then the shared modules, each followed by a test of
+    LONG_ALONE, then the rest in order."""
     from collections import OrderedDict
     from xdist.scheduler import LoadScopeScheduling
     module = lambda scope: Path(scope.split("::", 1)[0]).name
     class ModulesTogether(LoadScopeScheduling):
         ordered = False
         def _split_scope(self, nodeid):
+            if module(nodeid) in TEAM: return TEAM_SCOPE
             return nodeid.split("::", 1)[0] if module(nodeid) in ONE_WORKER else nodeid
         def _assign_work_unit(self, node):
             if not self.ordered:  # the first call, right after the queue is made: order it once
                 self.ordered = True
                 shared = [s for s in self.workqueue if module(s) in ONE_WORKER]
                 long = [s for s in self.workqueue if module(s) in LONG_ALONE]
-                order = [s for pair in zip(shared, long) for s in pair] + shared[len(long):] + long[len(shared):]
+                order = [s for s in self.workqueue if s == TEAM_SCOPE]
+                order += [s for pair in zip(shared, long) for s in pair] + shared[len(long):] + long[len(shared):]
                 order += [s for s in self.workqueue if s not in set(order)]
                 self.workqueue = OrderedDict((s, self.workqueue[s]) for s in order)
             super()._assign_work_unit(node)
@@ -101,6 +108,25 @@ def reference_run(tmp_path_factory):
         return [str(d), first, str(d.parent / "cache")]
     d, first, cache = _shared(tmp_path_factory, "reference", make)
     return Path(d), first, Path(cache)
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory):
+    """The team stack on 127.0.0.1, started once per test session by `mlnb.stack.Stack` (what `mlnb stack up` runs) and
+    stopped at its end. `.pg`: the Postgres (`.url(db)`, `.create_database(name)`); `.mlflow_uri`: the MLflow server;
+    `.scheduler`: the Dask scheduler's address; `.cluster`: the DaskCluster (`.workers` [(name, pid)], `.kill_worker`,
+    `.add_worker`; a test that kills one of its workers adds it back by name); `.settings`: what a project sets
+    (tracking_uri, audit_log, executor, dask_scheduler); `.folder`; `.seconds`: how long it took to start."""
+    from types import SimpleNamespace
+    from mlnb.stack import Stack
+    folder = tmp_path_factory.mktemp("team-stack")
+    stack = Stack(folder, workers=2)
+    settings = stack.up()  # a part that fails stops the others before this raises
+    try:
+        yield SimpleNamespace(pg=stack.pg, mlflow_uri=stack.mlflow.uri, scheduler=stack.cluster.address, cluster=stack.cluster,
+                              settings=settings, folder=stack.folder, seconds=stack.seconds, stack=stack)
+    finally:
+        Stack.down(folder)
 
 
 def reference_project_reusing(d, reference_run):
