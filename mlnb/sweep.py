@@ -107,6 +107,13 @@ def _mlnb(cfg: Config, *args) -> list:
 _RUNNING: set = set()  # the sweep's `mlnb run` processes now running: an interrupted sweep interrupts them (as Ctrl-C in a terminal does)
 _STOPPING = threading.Event()
 
+def _interrupt_trials():
+    "Stop starting trials, and interrupt the running ones: each stops as after Ctrl-C, its stage interrupted, its run resumable."
+    _STOPPING.set()
+    for p in list(_RUNNING):
+        try: p.send_signal(signal.SIGINT)
+        except OSError: pass
+
 def _trial_run(cfg: Config, args: list, log: Path) -> tuple:
     "One `mlnb run` process of the sweep: (its record, or None, and its one-line error, if any)."
     env = {k: v for k, v in os.environ.items() if k != "MLNB_PROJECT"}
@@ -212,11 +219,7 @@ def run_sweep(cfg: Config,                 # the project's settings
             try:
                 for f in futures: f.result()
             except KeyboardInterrupt:
-                _STOPPING.set()
-                for p in list(_RUNNING):  # before the pool waits for its threads: they wait for these processes
-                    try: p.send_signal(signal.SIGINT)
-                    except OSError: pass
-                raise
+                _interrupt_trials(); raise  # before the pool waits for its threads: they wait for these processes
         done = [t for t in rec["trials"] if t["status"] == "done"]
         if any(t["status"] == "interrupted" for t in rec["trials"]): raise KeyboardInterrupt
         if not done: raise MlnbError(f"sweep {sid}: no trial finished; the first error: {rec['trials'][0].get('error')}")
@@ -232,11 +235,7 @@ def run_sweep(cfg: Config,                 # the project's settings
         return rec
     except KeyboardInterrupt:
         status = "interrupted"
-        _STOPPING.set()
-        for p in list(_RUNNING):  # each stops as after Ctrl-C: its stage interrupted, its run resumable
-            try: p.send_signal(signal.SIGINT)
-            except OSError: pass
-        raise
+        _interrupt_trials(); raise
     finally:
         rec.update(status=status, ended=time.time())
         save()
