@@ -325,7 +325,7 @@ while True:
     buf += data
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
-        args = json.loads(line)
+        req = json.loads(line)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -333,9 +333,10 @@ while True:
                 signal.set_wakeup_fd(-1); signal.signal(signal.SIGCHLD, signal.SIG_DFL); signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.close(r); os.close(w); os.setsid()
                 null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2): os.dup2(null, fd)
+                for fd in (0, 1): os.dup2(null, fd)
+                os.dup2(os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if req["log"] else null, 2)
                 os.environ["JPY_PARENT_PID"] = str(os.getppid())
-                sys.argv = [launcher, *args]
+                sys.argv = [launcher, *req["argv"]]
                 IPKernelApp.instance().initialize()
                 del sys.modules["debugpy"]
                 IPKernelApp.instance().start()
@@ -395,10 +396,10 @@ class _Zygote:
             if kid is not None: kid._exited(msg["code"])
         self._pids.put(None)
 
-    def fork(self, args: list) -> _Forked:
-        "A new kernel process, started with command-line arguments `args` (those after `-m ipykernel_launcher`)."
+    def fork(self, args: list, log: str | None = None) -> _Forked:
+        "A new kernel process, started with command-line arguments `args` (those after `-m ipykernel_launcher`); its stderr to `log`."
         with self._send:
-            self.proc.stdin.write((json.dumps(args) + "\n").encode()); self.proc.stdin.flush()
+            self.proc.stdin.write((json.dumps({"argv": args, "log": log}) + "\n").encode()); self.proc.stdin.flush()
             pid = self._pids.get(timeout=60)
         if pid is None: raise RuntimeError("the kernel zygote is gone")
         kid = _Forked(pid, self)
@@ -427,7 +428,7 @@ def _provisioner():
             env, cwd = {k: v for k, v in (kw.get("env") or {}).items() if k != "JPY_PARENT_PID"}, kw.get("cwd")
             zygote = self.mlnb_zygote(cmd[0], env, cwd) if self.mlnb_zygote and list(cmd[1:3]) == ["-c", _LAUNCH] else None
             if zygote is None or (zygote.python, zygote.env, zygote.cwd) != (cmd[0], env, cwd): return await super().launch_kernel(cmd, **kw)
-            try: self.process = zygote.fork(list(cmd[3:]))
+            try: self.process = zygote.fork(list(cmd[3:]), getattr(self.parent, "mlnb_log", None))
             except (OSError, RuntimeError, queue.Empty): return await super().launch_kernel(cmd, **kw)  # the zygote is gone
             self.pid = self.pgid = self.process.pid  # it is its own process group, as a kernel jupyter_client starts is
             return self.connection_info
@@ -519,7 +520,25 @@ def _await_kernel(kc, timeout: float):
 
 class _Slot:
     "A kernel being started for one stage."
-    def __init__(self, stage: str): self.stage, self.km, self.error, self.done = stage, None, None, threading.Event()
+    def __init__(self, stage: str): self.stage, self.km, self.error, self.said, self.done = stage, None, None, "", threading.Event()
+
+def _kernel_said(km) -> str:
+    "The last line the kernel of `km` wrote to its stderr (the error that ended a kernel that died, a fatal signal), or ''."
+    try:
+        with open(km.mlnb_log, "rb") as f:
+            f.seek(0, os.SEEK_END); f.seek(max(0, f.tell() - 4096)); tail = f.read().decode(errors="replace")
+    except (AttributeError, TypeError, OSError): return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+def _kernel_folder() -> tuple:
+    "A private folder (0700) for a pool's kernel connection files, sockets and stderr logs, and whether kernels use Unix sockets there."
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="mlnb-k")
+    # Unix sockets, not TCP: no port is picked, closed and then bound by the kernel, so two runs (or two kernels) starting at once
+    # cannot race for a port (papermill#511: the kernel dies at its start); and nothing listens on the network. A socket's path has
+    # a limit (108 bytes on Linux): with a long temporary folder, TCP on the loopback as before.
+    return folder, os.name == "posix" and len(folder) + len("/k0123456789ab-ipc-5") < 100
 
 class KernelPool:
     "Kernels started ahead of the stages that will use them, each connected and warmed for its stage; each kernel runs exactly one stage."
@@ -538,6 +557,7 @@ class KernelPool:
         self._threads: list = []
         self._closed = False
         self._zygote, self._zlock = None, threading.Lock()  # None: not started yet; False: kernels start the usual way
+        self._folder, self._ipc = _kernel_folder()
 
     def _zygote_for(self, python: str, env: dict, cwd: str):
         "The run's zygote (started by the first kernel that asks), or None if it cannot start."
@@ -553,17 +573,22 @@ class KernelPool:
         t.start(); self._threads.append(t)
 
     def _start_one(self, slot: _Slot):
+        km = None
         try:
-            km = _manager()(kernel_name=self.kernel_name)
+            kid = secrets.token_hex(16)
+            base = os.path.join(self._folder, f"k{kid[:12]}")
+            km = _manager()(kernel_name=self.kernel_name, **({"transport": "ipc", "connection_file": base + ".json"} if self._ipc else {}))
+            km.mlnb_log = base + ".log"  # the kernel's stderr: what a kernel that dies says (its sockets' warnings, a fatal error)
             km.client_factory = _watched_client()  # a dead kernel ends its stage instead of hanging it
             km.kernel_spec.argv = _launch_argv(km.kernel_spec.argv)
-            km.kernel_id = secrets.token_hex(16)
+            km.kernel_id = kid
             km.provisioner = _provisioner()(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
             km.provisioner.mlnb_zygote = self._zygote_for
-            km.start_kernel(cwd=self.cwd, env=self.env, stderr=subprocess.DEVNULL,
-                            extra_arguments=["--HistoryManager.hist_file=:memory:"])  # as nbclient starts kernels: no history file
+            with open(km.mlnb_log, "ab") as log:
+                km.start_kernel(cwd=self.cwd, env=self.env, stderr=log,
+                                extra_arguments=["--HistoryManager.hist_file=:memory:"])  # as nbclient starts kernels: no history file
         except Exception as e:  # jupyter_client raises many kinds here; the message names the kernel
-            slot.error = e; slot.done.set(); return
+            slot.error, slot.said = e, _kernel_said(km); slot.done.set(); return
         km.mlnb_process = getattr(km.provisioner, "process", None)
         km.mlnb_alive = _alive_check(km)
         with self._lock: self._live.add(km)
@@ -577,7 +602,7 @@ class KernelPool:
                 if self._closed: raise PipelineError("the run is stopping")
                 km.mlnb_client, slot.km = kc, km
         except Exception as e:  # it died, never answered, or the pool was closed meanwhile
-            slot.error = e; self.release(km)
+            slot.error, slot.said = e, _kernel_said(km); self.release(km)
         slot.done.set()
 
     def _fill(self):  # with the lock held
@@ -607,7 +632,8 @@ class KernelPool:
             self._fill()
         slot.done.wait()
         if slot.error is not None:
-            raise ConfigError(f"cannot start the Jupyter kernel '{self.kernel_name}': {slot.error}; "
+            said = f" (it said: {slot.said})" if slot.said else ""
+            raise ConfigError(f"cannot start the Jupyter kernel '{self.kernel_name}': {slot.error}{said}; "
                               f"installed kernels: see `jupyter kernelspec list`, set kernel in settings.ini [mlnb]") from slot.error
         return slot.km
 
@@ -649,6 +675,7 @@ class KernelPool:
         for t in list(self._threads): t.join(timeout=10)
         with self._zlock: zygote, self._zygote = self._zygote, False
         if zygote: zygote.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 # %% ../nbs/05_pipeline.ipynb #0021b
 WATCH_EVERY = 0.5  # seconds between checks that the kernel of a running stage is alive
@@ -704,6 +731,11 @@ def _death(km) -> str:
     "How the kernel of `km` ended, in words."
     proc = getattr(km, "mlnb_process", None)
     code = proc.poll() if proc is not None else None
+    said = _kernel_said(km)
+    if said: return f"{_death_code(code)}; it said: {said}"
+    return _death_code(code)
+
+def _death_code(code: int | None) -> str:
     if code is None: return "it stopped answering"
     if code == -signal.SIGKILL: return "killed by signal 9: kill -9 or out of memory"
     if code < 0:

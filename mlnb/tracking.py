@@ -377,11 +377,16 @@ class _ServerLock:
         host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:60]
         self.key, self.who = f"{LOCK}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}", f"{actor()} on {host} (pid {os.getpid()})"
         self.ticket, self.beat, self.lost = 0, 0, False
+        self.fresh = time.monotonic()  # when the last write of this lock's tag that the server took was sent
         self._seen: dict = {}  # another lock tag -> (its value, since when this process has seen it unchanged)
-        self._stop, self._thread = threading.Event(), None
+        self._stop, self._thread, self._writing = threading.Event(), None, threading.Lock()
     def _write(self, choosing: bool):
-        self.beat += 1
-        self.reg.set_model_tag(self.name, self.key, json.dumps({"ticket": self.ticket, "choosing": choosing, "who": self.who, "beat": self.beat}))
+        with self._writing:  # the keep-alive thread's beat and release() never cross: no beat writes the tag back after its delete
+            if self._stop.is_set(): return
+            self.beat += 1
+            sent = time.monotonic()
+            self.reg.set_model_tag(self.name, self.key, json.dumps({"ticket": self.ticket, "choosing": choosing, "who": self.who, "beat": self.beat}))
+            self.fresh = sent
     def _tags(self) -> dict:
         rm = self.reg.model(self.name)
         if rm is None: raise NotFound(f"registered model '{self.name}' was deleted while it was being promoted")
@@ -416,7 +421,7 @@ class _ServerLock:
                 self.release()
                 raise TrackingError(f"model '{self.name}' is being changed by {ahead[0].get('who', 'another process') if ahead else 'another process'}; "
                                     f"gave up waiting after {timeout:g} s (the lock of a process that died frees itself after {self.lease:g} s)")
-            if time.monotonic() - beat > self.lease / 4: self._write(False); beat = time.monotonic()  # waiting is alive too
+            if time.monotonic() - beat > self.lease / 6: self._write(False); beat = time.monotonic()  # waiting is alive too
             time.sleep(self.poll * (0.5 + random.random()))
         self._thread = threading.Thread(target=self._keep, daemon=True, name="mlnb-model-lock"); self._thread.start()
         return self
@@ -429,13 +434,20 @@ class _ServerLock:
             except Exception: pass  # the server is briefly out of reach: the next beat tries again
     def check(self):
         "Raise unless this process still holds the lock (call it right before a write that must not happen twice)."
+        # Another process takes the lock only after seeing its tag unchanged for the lease, counted from when the server took the
+        # last beat (sent at `fresh`, or later). A holder whose beats have not got through for half the lease (an overloaded server,
+        # a paused process) cannot know it still holds it: it moves nothing. The other half is the margin for the writes that follow.
+        quiet = time.monotonic() - self.fresh
+        if quiet > self.lease / 2:
+            raise TrackingError(f"not sure to still hold the lock of model '{self.name}': its lease ({self.lease:g} s) was last renewed "
+                                f"{quiet:.0f} s ago (the server or this process was too slow); nothing was moved, try again")
         if self.lost or self.key not in self._tags():
             self.lost = True
             raise TrackingError(f"lost the lock of model '{self.name}': this process was paused longer than its lease of {self.lease:g} s "
                                 "and another took over; nothing was moved, try again")
     def release(self):
         self._stop.set()
-        if self._thread is not None: self._thread.join(5)
+        with self._writing: pass  # a beat being written now ends first: none can follow the delete
         try: self.reg.delete_model_tag(self.name, self.key)
         except TrackingError: pass  # unreachable now: the tag goes stale and the next promoter removes it
 

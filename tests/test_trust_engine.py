@@ -1,6 +1,6 @@
 """The engine under bad luck and tampering (issue 10): a run always ends, nothing reused is trusted blindly, the registry is
 the truth, and a resumed run keeps its options and its history. Real kernels, real papermill, the real CLI."""
-import json, os, signal, subprocess, time
+import json, os, signal, subprocess, sys, time
 import pytest
 from pathlib import Path
 from conftest import MLNB, add_stage, run_json, run_mlnb, statuses
@@ -74,6 +74,30 @@ def test_a_killed_kernel_fails_its_stage_within_seconds(project):
     rec = json.loads((project / ".mlnb/runs" / nb_path.parent.name / "run.json").read_text())
     assert rec["status"] == "failed" and rec["stages"]["train"]["status"] == "failed"
     assert not [p for p in (project / ".mlnb/cache/train").iterdir()], "no half product left behind"
+
+
+def test_a_kernel_that_dies_says_why_and_kernels_listen_on_no_port(project, tmp_path_factory):
+    """A kernel that ends itself (a crashing C extension, `os._exit`) fails its stage with the last line it wrote to stderr,
+    and one that dies as it starts says so too. Stage kernels talk over Unix sockets in a private folder, not TCP ports: two
+    runs starting kernels at once raced for ports and a kernel died at its start (papermill#511); the folder goes with the run."""
+    add_stage(project, "probe", "upstream = []",
+              "import os, pathlib\nfrom ipykernel.connect import get_connection_info\n"
+              "pathlib.Path(os.environ['MLNB_PROJECT'], 'conn.json').write_text(get_connection_info())")
+    add_stage(project, "crash", 'upstream = ["probe"]', "import os\nos.write(2, b'Fatal Python error: out of cheese\\n')\nos._exit(7)")
+    run_mlnb(project, "run", check=1)
+    rec = json.loads(next((project / ".mlnb/runs").glob("*/run.json")).read_text())
+    assert statuses(rec) == {"probe": "done", "crash": "failed"}
+    assert "KernelDied: its kernel died (exited with code 7; it said: Fatal Python error: out of cheese)" in rec["stages"]["crash"]["error"]
+    conn = json.loads((project / "conn.json").read_text())
+    assert conn["transport"] == "ipc" and conn["shell_port"] < 10, conn  # socket files numbered 1-5 beside the connection file
+    assert not Path(conn["ip"]).parent.exists(), "the run's kernel folder (connection files, sockets, logs) is removed"
+    # a kernel that cannot start: its own words are in the error
+    spec = tmp_path_factory.mktemp("jupyter") / "kernels" / "broken"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", "import sys; sys.stderr.write('no licence for this kernel\\n'); sys.exit(3)",
+                                                           "-f", "{connection_file}"], "display_name": "broken", "language": "python"}))
+    p = run_mlnb(project, "run", "--force", env={"JUPYTER_PATH": str(spec.parent.parent), "MLNB_KERNEL": "broken"}, check=1)
+    assert "cannot start the Jupyter kernel 'broken': Kernel died (it said: no licence for this kernel)" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
