@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pipeline.ipynb #0002
 from __future__ import annotations
-import ast, graphlib, hashlib, json, os, platform, queue, re, secrets, shutil, signal, subprocess, sys, threading, time
+import ast, graphlib, hashlib, json, os, platform, queue, re, secrets, shutil, signal, subprocess, sys, threading, time, weakref
 from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -534,7 +534,12 @@ def _kernel_said(km) -> str:
 def _kernel_folder() -> tuple:
     "A private folder (0700) for a pool's kernel connection files, sockets and stderr logs, and whether kernels use Unix sockets there."
     import tempfile
-    folder = tempfile.mkdtemp(prefix="mlnb-k")
+    for old in Path(tempfile.gettempdir()).glob("mlnb-k*-*"):  # a killed process's (a pool removes its own when it closes, or at exit)
+        pid = old.name[len("mlnb-k"):].partition("-")[0]
+        try:
+            if pid.isdigit() and not pid_alive(int(pid)) and old.stat().st_uid == os.getuid(): shutil.rmtree(old, ignore_errors=True)
+        except OSError: pass
+    folder = tempfile.mkdtemp(prefix=f"mlnb-k{os.getpid()}-")
     # Unix sockets, not TCP: no port is picked, closed and then bound by the kernel, so two runs (or two kernels) starting at once
     # cannot race for a port (papermill#511: the kernel dies at its start); and nothing listens on the network. A socket's path has
     # a limit (108 bytes on Linux): with a long temporary folder, TCP on the loopback as before.
@@ -558,6 +563,7 @@ class KernelPool:
         self._closed = False
         self._zygote, self._zlock = None, threading.Lock()  # None: not started yet; False: kernels start the usual way
         self._folder, self._ipc = _kernel_folder()
+        self._remove = weakref.finalize(self, shutil.rmtree, self._folder, True)  # at close, or at exit for a pool never closed
 
     def _zygote_for(self, python: str, env: dict, cwd: str):
         "The run's zygote (started by the first kernel that asks), or None if it cannot start."
@@ -675,7 +681,7 @@ class KernelPool:
         for t in list(self._threads): t.join(timeout=10)
         with self._zlock: zygote, self._zygote = self._zygote, False
         if zygote: zygote.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self._remove()
 
 # %% ../nbs/05_pipeline.ipynb #0021b
 WATCH_EVERY = 0.5  # seconds between checks that the kernel of a running stage is alive
