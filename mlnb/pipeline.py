@@ -867,10 +867,17 @@ def _worker_pool(kernel: str, cwd: str, env: dict, done: KernelPool | None = Non
     return got
 
 _SCRATCH: dict = {}  # on a Dask worker, with a store: the folder a kernel pool's kernels start in -> the run's scratch folder
+_SCRATCH_USED: dict = {}  # a run's scratch folder -> when a stage last started or ended in it (time.monotonic)
 
 def _close_worker_pool(pool: KernelPool):
+    "Close a pool nobody used for a while; with a store, the scratch folder of its run goes too, unless a stage of that run came since."
     pool.close()
-    scratch = _SCRATCH.pop(pool.cwd, None)
+    with _WORKER_LOCK:
+        scratch = _SCRATCH.get(pool.cwd)
+        idle = scratch and time.monotonic() - _SCRATCH_USED.get(scratch, 0) > WORKER_POOL_IDLE
+        if idle and not any(k[1] == pool.cwd for k in _WORKER_POOLS):
+            _SCRATCH.pop(pool.cwd, None); _SCRATCH_USED.pop(scratch, None)
+        else: scratch = None
     if scratch: shutil.rmtree(scratch, ignore_errors=True)  # what the run's stages fetched from the store: gone with its kernels
 
 def _worker_checkout(local_dir: str, stage: Stage, ctx: dict, env: dict, job: dict) -> tuple:
@@ -879,6 +886,7 @@ def _worker_checkout(local_dir: str, stage: Stage, ctx: dict, env: dict, job: di
     executed notebook's path and its kernel's environment, pointed there. Nothing of the client's folders is read."""
     store = stores.Store(job["store"])
     run = Path(local_dir) / "mlnb-runs" / stores._part(ctx["run_id"], "run")
+    with _WORKER_LOCK: _SCRATCH_USED[str(run)] = time.monotonic()  # not removed under it by a pool closing now
     project = run / "project"
     for rel, sha in job["files"].items(): stores.get_file(store, sha, stores.inside(project, rel))
     upstream = {}
@@ -946,7 +954,9 @@ def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str,
         if store is None: return
         try:
             if Path(out_nb).exists(): stores.put_notebook(store, ctx["run_id"], stage.name, Path(out_nb))
-        finally: shutil.rmtree(out, ignore_errors=True); Path(out_nb).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(out, ignore_errors=True); Path(out_nb).unlink(missing_ok=True)
+            with _WORKER_LOCK: _SCRATCH_USED[str(out.parent.parent)] = time.monotonic()
     try:
         try: _execute(stage, params, ctx, Path(out_nb), km, timeout, stop)
         finally: done.set(); pool.release(km)
