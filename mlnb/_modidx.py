@@ -273,6 +273,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.pipeline._atomic_write': ('pipeline.html#_atomic_write', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._author_cell': ('pipeline.html#_author_cell', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._await_kernel': ('pipeline.html#_await_kernel', 'mlnb/pipeline.py'),
+                               'mlnb.pipeline._check_worker_settings': ('pipeline.html#_check_worker_settings', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._claimed': ('pipeline.html#_claimed', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._close_worker_pool': ('pipeline.html#_close_worker_pool', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._coerce': ('pipeline.html#_coerce', 'mlnb/pipeline.py'),

@@ -1317,6 +1317,17 @@ def _submit(fn, *args) -> Future:
     return fut
 
 # %% ../nbs/05_pipeline.ipynb #0032
+def _check_worker_settings(cfg: Config, store: stores.Store):
+    "With a store on Dask, stages run where the project folder is not: a setting naming a file in it would name a scratch copy on each worker."
+    from mlnb.audit import log_path
+    files = [f"tracking_uri = {cfg.tracking_uri}"] if cfg.tracking_uri.startswith("sqlite:") else []
+    if isinstance(log_path(cfg), Path): files.append(f"audit_log = {log_path(cfg)} (a SQLite file)")
+    if files:
+        raise ConfigError(f"with store = {store.shown} on Dask, stages run on workers that do not have the project folder, where "
+                          f"{' and '.join(files)} would be a scratch file (a model registered there, and its audit events, would be lost); "
+                          "accepted: an http(s) tracking_uri and a postgresql:// audit_log every worker reaches (`mlnb stack up` prints them), "
+                          "or executor = local")
+
 def _on_ctrl_c(action):
     "While the run stops: make a further Ctrl-C call `action` (in a thread) instead of raising; returns the undo."
     if threading.current_thread() is not threading.main_thread(): return lambda: None
@@ -1346,7 +1357,9 @@ def run_pipeline(cfg: Config,                       # the project's settings
     kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # the run's: every stage's kernel gets the same
     address = dask_address(cfg, opts.scheduler)
     if address:
-        try: pool = DaskStages(address, run.run_id, cfg.kernel, kenv, store)
+        try:
+            if store is not None: _check_worker_settings(cfg, store)
+            pool = DaskStages(address, run.run_id, cfg.kernel, kenv, store)
         except BaseException:
             run.rec.update(status="failed", ended=time.time()); run.finish("failed"); run.save(); raise
         run.rec["executor"] = {"dask": address}

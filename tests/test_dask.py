@@ -216,7 +216,7 @@ _DRIVER = r'''
 import json, os, subprocess, sys
 from pathlib import Path
 from mlnb.pipeline import write_stage
-hidden, store, scheduler, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+hidden, store, scheduler, out, team = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), json.loads(sys.argv[5])
 subprocess.run(["mount", "-t", "tmpfs", "none", str(hidden)], check=True)  # only this process and its children see what is in it
 p = hidden / "proj"; (p / "pipeline").mkdir(parents=True)
 (p / "settings.ini").write_text(f"[mlnb]\npipeline = pipeline\nexperiment = test\nmodel_name = test-model\nstore = {store}\n")
@@ -230,8 +230,11 @@ env = {k: v for k, v in os.environ.items() if k != "MLNB_PROJECT"}
 mlnb = [sys.executable, "-c", "from mlnb.cli import main; main()", "--project", str(p)]
 res = {"seen": (p / "settings.ini").exists()}
 r = subprocess.run([*mlnb, "run", "--scheduler", scheduler], capture_output=True, text=True, env=env, cwd=p, timeout=300)
+res["sqlite"] = {"code": r.returncode, "stderr": r.stderr}  # MLflow and the audit log in files of the project: not on the workers
+with open(p / "settings.ini", "a") as f: f.write(f"tracking_uri = {team['tracking_uri']}\naudit_log = {team['audit_log']}\n")
+r = subprocess.run([*mlnb, "run", "--scheduler", scheduler], capture_output=True, text=True, env=env, cwd=p, timeout=300)
 res["failed"] = {"code": r.returncode, "stderr": r.stderr}
-rec = json.loads(next((p / ".mlnb/runs").glob("*/run.json")).read_text())
+rec = max((json.loads(f.read_text()) for f in (p / ".mlnb/runs").glob("*/run.json")), key=lambda r: r["started"])
 res["failed"]["record"] = rec
 res["failed"]["notebook"] = json.loads((p / rec["stages"]["b"]["visible_notebook"]).read_text())
 write_stage(p / "pipeline/b.ipynb", "upstream = ['a']\nfactor = 2",
@@ -252,11 +255,14 @@ def test_with_a_store_the_workers_never_see_the_project_folder(team_stack, tmp_p
     hidden, store, out = tmp_path / "hidden", tmp_path / "store", tmp_path / "result.json"
     hidden.mkdir()
     (tmp_path / "driver.py").write_text(_DRIVER)
-    p = subprocess.run([*unshare, sys.executable, str(tmp_path / "driver.py"), str(hidden), store.as_uri(), team_stack.scheduler, str(out)],
-                       capture_output=True, text=True, timeout=600)
+    team = {k: team_stack.settings[k] for k in ("tracking_uri", "audit_log")}
+    p = subprocess.run([*unshare, sys.executable, str(tmp_path / "driver.py"), str(hidden), store.as_uri(), team_stack.scheduler, str(out),
+                        json.dumps(team)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     assert res["seen"] and list(hidden.iterdir()) == [], "the client sees its project; nobody else does"
+    assert res["sqlite"]["code"] == 1 and "on Dask, stages run on workers that do not have the project folder, where tracking_uri = sqlite:///" in res["sqlite"]["stderr"]
+    assert "accepted: an http(s) tracking_uri and a postgresql:// audit_log" in res["sqlite"]["stderr"], res["sqlite"]["stderr"]
     failed = res["failed"]
     assert failed["code"] == 1, failed["stderr"]
     lines = [l for l in failed["stderr"].splitlines() if l.startswith("mlnb: error")]
