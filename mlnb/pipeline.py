@@ -991,9 +991,6 @@ class DaskStages:
                  run_id: str, kernel: str, env: dict,
                  store: stores.Store | None = None):  # where workers fetch what stages read and leave what they make
         self.digest, self.store, self.run_id = env_digest(kernel), store, run_id
-        if store is not None and not store.shared:
-            raise ConfigError(f"store = {store.shown} lives in this process only, so no Dask worker reaches it; accepted with "
-                              "executor = dask: a store every worker reaches (a file:// folder they all mount, s3://, gs://, ...)")
         from distributed import Client, Event
         self.address, self.kernel = address, kernel
         self.env = {k: v for k, v in env.items() if k.startswith("MLNB_") or k in _FORWARDED or k == "PYDEVD_DISABLE_FILE_VALIDATION"}
@@ -1318,8 +1315,11 @@ def _submit(fn, *args) -> Future:
 
 # %% ../nbs/05_pipeline.ipynb #0032
 def _check_worker_settings(cfg: Config, store: stores.Store):
-    "With a store on Dask, stages run where the project folder is not: a setting naming a file in it would name a scratch copy on each worker."
+    "With a store on Dask, stages run where the project folder is not: the store must be one they reach, and a setting naming a file of the project would be a scratch copy on each worker."
     from mlnb.audit import log_path
+    if not store.shared:
+        raise ConfigError(f"store = {store.shown} lives in this process only, so no Dask worker reaches it; accepted with "
+                          "executor = dask: a store every worker reaches (a file:// folder they all mount, s3://, gs://, ...)")
     files = [f"tracking_uri = {cfg.tracking_uri}"] if cfg.tracking_uri.startswith("sqlite:") else []
     if isinstance(log_path(cfg), Path): files.append(f"audit_log = {log_path(cfg)} (a SQLite file)")
     if files:
