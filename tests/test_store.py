@@ -31,6 +31,8 @@ def test_a_second_checkout_reuses_the_products_in_the_store(chain, tmp_path_fact
         for rel, rec in man["files"].items(): assert (store / "cache" / n / k / rel).stat().st_size == rec["bytes"]
         assert (store / "runs" / first["run_id"] / "notebooks" / f"{n}.ipynb").is_file()
     assert first["settings"]["store"] == store.as_uri()
+    rep = run_json(chain, "reproduce", first["run_id"])  # a reproduction reruns every stage: the store does not hand back what the run made
+    assert rep["matched"] and {s["stage"]: s["status"] for s in rep["stages"]} == {"a": "done", "b": "done", "c": "done"}, rep
 
     second = checkout(chain, tmp_path_factory.mktemp("teammate"), store.as_uri())
     rec = run_json(second, "run")  # nothing of the first checkout's .mlnb: every product comes from the store
