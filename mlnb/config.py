@@ -82,7 +82,8 @@ SETTINGS = {
     "stage_timeout": _S(float, "(0, inf)", "seconds a stage may run before it is interrupted"),
     "executed_dir": _S(str, "", "visible folder inside the project where each run's executed notebooks open (DIR/RUN/STAGE.ipynb)"),
     "executor": _S(str, ("local", "dask"), "where stages run: local kernels, or tasks on a Dask cluster (dask_scheduler)"),
-    "dask_scheduler": _S(str, "", "the Dask scheduler of executor = dask, e.g. tcp://10.0.0.5:8786 (the project folder must be on storage every worker reaches)"),
+    "dask_scheduler": _S(str, "", "the Dask scheduler of executor = dask, e.g. tcp://10.0.0.5:8786 (with an empty store, the project folder must be on storage every worker reaches)"),
+    "store": _S(str, "", "where products and executed notebooks are kept for every worker and checkout: empty (the state folder), or an fsspec URL such as s3://bucket/prefix or file:///mnt/shared/mlnb"),
     # the data, declared once (mlnb.tasks reads them)
     "task": _S(str, ("binary", "multiclass", "regression"), "what the model learns"),
     "target": _S(str, "", "the label column"),

@@ -277,7 +277,7 @@ def show_plots(plots: dict):
 
 
 # %% ../nbs/12_governance.ipynb #0010
-_PATH_SETTINGS = {"pipeline", "state_dir", "tracking_uri", "artifact_root", "audit_log", "prediction_log", "project"}
+_PATH_SETTINGS = {"pipeline", "state_dir", "tracking_uri", "artifact_root", "audit_log", "prediction_log", "project", "store"}
 
 @contextmanager
 def _environ(updates: dict, drop_prefix: str = "MLNB_"):
@@ -333,7 +333,7 @@ def reproduce(cfg: Config, run_id: str, on_event=None, jobs: int | None = None) 
             if isinstance(v, str) and v and not os.path.isabs(v) and (cfg.root / v).is_file() and not (dest / v).exists():
                 (dest / v).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(cfg.root / v, dest / v)
     settings = {f"MLNB_{k.upper()}": str(v) for k, v in (rec.get("settings") or {}).items() if k not in _PATH_SETTINGS}
-    with _environ({**settings, "MLNB_ACTOR": actor()}):
+    with _environ({**settings, "MLNB_ACTOR": actor(), "MLNB_STORE": ""}):  # its own cache: a team store would hand back what the run made
         rcfg = load_config(dest)
         pipeline = discover(rcfg.pipeline_dir)
         try: new = run_pipeline(rcfg, RunOptions(overrides=_overrides(pipeline, rec["params"]), jobs=jobs), on_event=on_event, sync_tracking=False)

@@ -6,12 +6,13 @@
 from __future__ import annotations
 import ast, graphlib, hashlib, json, os, platform, queue, re, secrets, shutil, signal, subprocess, sys, threading, time, weakref
 from concurrent.futures import Future, FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config
-from .stage import trusted_types
+from .stage import file_digest, trusted_types
 from .tracking import pid_alive, version_registered  # light: tracking imports mlflow only inside its functions
-from .errors import ConfigError, MlnbError, NotFound, PipelineError, StageFailed, StageTimeout
+from .errors import ConfigError, MlnbError, NotFound, PipelineError, StageFailed, StageTimeout, StoreError
+from . import store as stores  # light: fsspec is imported when a store is opened
 
 # %% auto #0
 __all__ = ['WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage',
@@ -900,24 +901,73 @@ def _worker_pool(kernel: str, cwd: str, env: dict, done: KernelPool | None = Non
         idle = sorted((v[2], k) for k, v in _WORKER_POOLS.items() if v[1] == 0)
         for i, (used, k) in enumerate(reversed(idle)):
             if i >= 4 or now - used > WORKER_POOL_IDLE: closing.append(_WORKER_POOLS.pop(k)[0])
-    for p in closing: threading.Thread(target=p.close, daemon=True).start()
+    for p in closing: threading.Thread(target=_close_worker_pool, args=(p,), daemon=True).start()
     return got
 
+_SCRATCH: dict = {}  # on a Dask worker, with a store: the folder a kernel pool's kernels start in -> the run's scratch folder
+_SCRATCH_USED: dict = {}  # a run's scratch folder -> when a stage last started or ended in it (time.monotonic)
+
+def _close_worker_pool(pool: KernelPool):
+    "Close a pool nobody used for a while; with a store, the scratch folder of its run goes too, unless a stage of that run came since."
+    pool.close()
+    with _WORKER_LOCK:
+        scratch = _SCRATCH.get(pool.cwd)
+        idle = scratch and time.monotonic() - _SCRATCH_USED.get(scratch, 0) > WORKER_POOL_IDLE
+        if idle and not any(k[1] == pool.cwd for k in _WORKER_POOLS):
+            _SCRATCH.pop(pool.cwd, None); _SCRATCH_USED.pop(scratch, None)
+        else: scratch = None
+    if scratch: shutil.rmtree(scratch, ignore_errors=True)  # what the run's stages fetched from the store: gone with its kernels
+
+def _worker_checkout(local_dir: str, stage: Stage, ctx: dict, env: dict, job: dict) -> tuple:
+    """On a Dask worker, with a store: a scratch folder of the run holding what `stage` reads, fetched from the store and
+    checked (the project files it declares, its notebook, settings.ini, its upstream entries); the stage, its context, its
+    executed notebook's path and its kernel's environment, pointed there. Nothing of the client's folders is read."""
+    store = stores.Store(job["store"])
+    run = Path(local_dir) / "mlnb-runs" / stores._part(ctx["run_id"], "run")
+    with _WORKER_LOCK: _SCRATCH_USED[str(run)] = time.monotonic()  # not removed under it by a pool closing now
+    project = run / "project"
+    for rel, sha in job["files"].items(): stores.get_file(store, sha, stores.inside(project, rel))
+    upstream = {}
+    for u, key in job["upstream"].items():
+        dest = run / "cache" / u / key
+        if not (dest / "manifest.json").exists() and stores.get_entry(store, u, key, dest) is None:
+            raise NotFound(f"the store {store.shown} has no products of upstream stage '{u}' (key {key[:12]}…)")
+        upstream[u] = str(dest)
+    out = run / "out" / f"{stage.name}-{secrets.token_hex(3)}"
+    out.mkdir(parents=True)
+    (run / "run").mkdir(exist_ok=True)
+    _atomic_write(run / "run" / "run.json", json.dumps(job["record"], default=str))  # what `steps` reads of the run (its parameters)
+    stage = replace(stage, path=stores.inside(project, job["notebook"]))
+    _SCRATCH[str(stage.path.parent)] = str(run)
+    ctx = {**ctx, "out_dir": str(out), "upstream": upstream, "project": str(project), "run_dir": str(run / "run")}
+    return stage, ctx, out.with_name(out.name + ".ipynb"), {**env, "MLNB_PROJECT": str(project)}, store, out
+
+def _claimed(claim: str, client) -> dict | None:
+    "Which worker took the stage of claim `claim` (a Dask variable), or None before one did."
+    from distributed import Variable
+    try: return Variable(claim, client=client).get(timeout=0.2)
+    except (TimeoutError, OSError): return None
+
 def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str, env: dict, timeout: float,
-                events: tuple, claim: str, digest: str) -> dict:
-    "What a Dask worker runs for one stage: a fresh kernel of its own, papermill, and a report (never an exception, so nothing is retried)."
-    from distributed import Event, get_client, get_worker
+                events: tuple, claim: str, digest: str, job: dict | None = None) -> dict:
+    """What a Dask worker runs for one stage: a fresh kernel of its own, papermill, and a report (never an exception, so nothing
+    is retried). With `job` (a store), it works in a scratch folder of its own and leaves the entry and notebook in the store."""
+    from distributed import Event, Variable, get_client, get_worker
     w = get_worker()
     me = {"name": str(w.name), "address": w.address, "host": platform.node(), "pid": os.getpid()}
-    try: fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:  # Dask gave the stage to this worker again because the one running it died: that ends the stage
-        try: was = json.loads(Path(claim).read_text())
-        except (OSError, ValueError): was = {}
-        return {"ok": False, "kind": "died", "worker": was or {"name": "?"}}
-    with os.fdopen(fd, "w") as f: json.dump(me, f)
+    client = get_client()  # the worker's: a Dask variable or event without one cannot be used from another thread
+    was = _claimed(claim, client)
+    if was is not None:  # Dask gave the stage to this worker again because the one running it died: that ends the stage
+        return {"ok": False, "kind": "died", "worker": was}
+    Variable(claim, client=client).set(me)
     if env_digest(kernel) != digest:  # its products would be cached under a key that names the client's environment
         return {"ok": False, "kind": "env", "worker": me, "error": env_digest(kernel)}
     env = {**os.environ, **env}
+    store = out = None
+    if job:
+        try: stage, ctx, out_nb, env, store, out = _worker_checkout(w.local_directory, stage, ctx, env, job)
+        except (MlnbError, OSError) as e:
+            return {"ok": False, "kind": "error", "error": f"on Dask worker {me['name']}: {e}", "worker": me}
     slot = f"{stage.name}-{secrets.token_hex(3)}"
     pool = _worker_pool(kernel, str(stage.path.parent), env)
     pool._plan[slot] = stage.imports
@@ -926,7 +976,6 @@ def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str,
     except MlnbError as e:
         _worker_pool(kernel, "", {}, done=pool)
         return {"ok": False, "kind": "error", "error": f"on Dask worker {me['name']}: {e}", "worker": me}
-    client = get_client()  # the worker's: an Event without one cannot be used from the watching thread
     stop_ev, kill_ev = Event(events[0], client=client), Event(events[1], client=client)
     def watch():  # the client's Ctrl-C reaches the kernel as it does locally: interrupt, then kill after KILL_GRACE (or at once)
         while not done.is_set():
@@ -938,24 +987,48 @@ def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str,
         while not done.is_set() and time.monotonic() < end and not kill_ev.is_set(): done.wait(WATCH_EVERY)
         if not done.is_set(): _kill_kernel(km)
     threading.Thread(target=watch, daemon=True, name=f"mlnb-watch-{stage.name}").start()
+    started = time.time()
+    def leave():  # with a store: the executed notebook (a failure's evidence too) goes up, the scratch output goes
+        if store is None: return
+        try:
+            if Path(out_nb).exists(): stores.put_notebook(store, ctx["run_id"], stage.name, Path(out_nb))
+        finally:
+            shutil.rmtree(out, ignore_errors=True); Path(out_nb).unlink(missing_ok=True)
+            with _WORKER_LOCK: _SCRATCH_USED[str(out.parent.parent)] = time.monotonic()
     try:
-        _execute(stage, params, ctx, Path(out_nb), km, timeout, stop)
+        try: _execute(stage, params, ctx, Path(out_nb), km, timeout, stop)
+        finally: done.set(); pool.release(km)
+        if store is not None and not stop.is_set():
+            _seal(out, stage.name, job["key"], ctx["run_id"], params, Path(out_nb), started)
+            stores.put_entry(store, out, stage.name, job["key"])
+        leave()
         return {"ok": not stop.is_set(), "kind": "interrupted" if stop.is_set() else "done", "worker": me}
-    except StageFailed as e: return {"ok": False, "kind": "failed", "error": e, "worker": me}
-    except KeyboardInterrupt: return {"ok": False, "kind": "interrupted", "worker": me}
-    except Exception as e: return {"ok": False, "kind": "error", "error": f"{type(e).__name__}: {e}", "worker": me}
+    except StageFailed as e:
+        try: leave()
+        except (MlnbError, OSError) as up: e.evalue = f"{e.evalue} (its executed notebook did not reach the store: {up})"
+        return {"ok": False, "kind": "failed", "error": e, "worker": me}
+    except KeyboardInterrupt:
+        try: leave()
+        except (MlnbError, OSError): pass
+        return {"ok": False, "kind": "interrupted", "worker": me}
+    except Exception as e:
+        try: leave()
+        except (MlnbError, OSError): pass
+        return {"ok": False, "kind": "error", "error": f"on Dask worker {me['name']}: {type(e).__name__}: {e}", "worker": me}
     finally:
-        done.set(); pool.release(km)
         with pool._lock: pool._plan.pop(slot, None)
         _worker_pool(kernel, "", {}, done=pool)
 
 _FORWARDED = ("MLFLOW_DISABLE_TELEMETRY", "BENTOML_DO_NOT_TRACK", "DO_NOT_TRACK", "OMP_NUM_THREADS")
 
 class DaskStages:
-    "The Dask executor: each stage execution is a task on the cluster's workers, in a kernel of its own there; products and executed notebooks go to the project's state folder, which every worker must reach at the same path."
+    """The Dask executor: each stage execution is a task on the cluster's workers, in a kernel of its own there. Products and
+    executed notebooks go to the project's state folder, which every worker must then reach at the same path; or, with a
+    store, to the store, and a worker needs nothing of the client's folders."""
     def __init__(self, address: str,   # the scheduler, e.g. tcp://10.0.0.5:8786
-                 run_id: str, kernel: str, env: dict):
-        self.digest = env_digest(kernel)
+                 run_id: str, kernel: str, env: dict,
+                 store: stores.Store | None = None):  # where workers fetch what stages read and leave what they make
+        self.digest, self.store, self.run_id = env_digest(kernel), store, run_id
         from distributed import Client, Event
         self.address, self.kernel = address, kernel
         self.env = {k: v for k, v in env.items() if k.startswith("MLNB_") or k in _FORWARDED or k == "PYDEVD_DISABLE_FILE_VALIDATION"}
@@ -980,28 +1053,37 @@ class DaskStages:
     def _workers(self) -> set:
         return set(self.client.scheduler_info(n_workers=-1)["workers"])
 
-    def run(self, stage: Stage, params: dict, ctx: dict, out_nb: Path, timeout: float, stop: threading.Event) -> dict:
+    def run(self, stage: Stage, params: dict, ctx: dict, out_nb: Path, timeout: float, stop: threading.Event,
+            job: dict | None = None) -> dict:
         "Run `stage` on a worker and wait; returns which worker ran it. Raises `StageFailed` (a worker that died included) or KeyboardInterrupt."
-        claim = Path(ctx["out_dir"]) / ".worker.json"
+        key = f"mlnb-{stage.name}-{secrets.token_hex(4)}"
+        claim = f"{key}-claim"  # a Dask variable: which worker took it (Dask runs it again elsewhere if that one dies)
         fut = self.client.submit(_stage_task, stage, params, ctx, str(out_nb), self.kernel, self.env, timeout, self.events,
-                                 str(claim), self.digest, pure=False, key=f"mlnb-{stage.name}-{secrets.token_hex(4)}")
-        from distributed import TimeoutError as DaskTimeout
+                                 claim, self.digest, job, pure=False, key=key)
+        from distributed import TimeoutError as DaskTimeout, Variable
         stopping = None
         try:
-            while True:
-                try: out = fut.result(timeout=WATCH_EVERY * 2); break
-                except (DaskTimeout, TimeoutError): pass
-                if stop.is_set():
-                    stopping = stopping or time.monotonic()
-                    if time.monotonic() - stopping > 2 * KILL_GRACE + 5: raise KeyboardInterrupt
-                    continue
-                try: who = json.loads(claim.read_text())
-                except (OSError, ValueError): continue  # not started yet
-                if who.get("address") not in self._workers():  # Dask would run it again elsewhere: this run says so instead
-                    raise StageFailed(stage.name, None, "WorkerDied", f"Dask worker {who.get('name')} ({who.get('address')}, "
-                                      f"host {who.get('host')}, pid {who.get('pid')}) died while running it", str(out_nb))
-        except BaseException:
-            fut.cancel(); raise
+            try:
+                while True:
+                    try: out = fut.result(timeout=WATCH_EVERY * 2); break
+                    except (DaskTimeout, TimeoutError): pass
+                    if stop.is_set():
+                        stopping = stopping or time.monotonic()
+                        if time.monotonic() - stopping > 2 * KILL_GRACE + 5: raise KeyboardInterrupt
+                        continue
+                    who = _claimed(claim, self.client)
+                    if who is None: continue  # not started yet
+                    if who.get("address") not in self._workers():  # Dask would run it again elsewhere: this run says so instead
+                        raise StageFailed(stage.name, None, "WorkerDied", f"Dask worker {who.get('name')} ({who.get('address')}, "
+                                          f"host {who.get('host')}, pid {who.get('pid')}) died while running it", str(out_nb))
+            except BaseException:
+                fut.cancel(); raise
+        finally:
+            try: Variable(claim, client=self.client).delete()
+            except Exception: pass  # the scheduler may be gone; the variable goes with it
+        if job is not None and out["kind"] != "done":  # the executed notebook the worker left in the store, as the local executor leaves it
+            try: stores.get_notebook(self.store, self.run_id, stage.name, out_nb)
+            except (MlnbError, OSError): pass  # the stage's own error says more
         if out["kind"] == "died":
             who = out["worker"]
             raise StageFailed(stage.name, None, "WorkerDied", f"Dask worker {who.get('name')} ({who.get('address')}, host {who.get('host')}, "
@@ -1012,11 +1094,13 @@ class DaskStages:
                               f"environment than this machine (env digest {out['error'][:12]} there, {self.digest[:12]} here: Python, "
                               "packages or mlnb differ), so its products would be cached under a key that does not describe them; "
                               "install the same locked stack on the workers", str(out_nb))
-        if out["kind"] == "failed": raise out["error"]
+        if out["kind"] == "failed":
+            e = out["error"]
+            if job is not None: e.notebook = str(out_nb)  # where it is here, not in the worker's scratch folder
+            raise e
         if out["kind"] == "interrupted" or stop.is_set(): raise KeyboardInterrupt
         if out["kind"] == "error":
             raise StageFailed(stage.name, None, "WorkerError", out["error"], str(out_nb))
-        claim.unlink(missing_ok=True)  # not a product
         return out["worker"]
 
     # what the run loop asks of a kernel pool: kernels start on the workers, so there is nothing to start ahead here
@@ -1175,13 +1259,18 @@ def _file_records(folder: Path) -> dict:
     return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_digest(f)}
             for f in sorted(folder.rglob("*")) if f.is_file()}
 
+def _seal(folder: Path, stage: str, key: str, run_id: str, params: dict, nb: Path, started: float) -> dict:
+    "Make the folder a finished stage wrote into a cache entry: its executed notebook beside its products, and the manifest (written last)."
+    products = json.loads((folder / "products.json").read_text()) if (folder / "products.json").exists() else {}
+    shutil.copy2(nb, folder / "notebook.ipynb")
+    manifest = {"stage": stage, "key": key, "run_id": run_id, "finished": time.time(),
+                "duration": time.time() - started, "params": params, "products": products,
+                "digest": products_digest(products), "files": _file_records(folder)}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest
+
 def _finish_entry(cfg, run, stage, key, tmp: Path, nb: Path, started: float) -> Path:
-    products = json.loads((tmp / "products.json").read_text()) if (tmp / "products.json").exists() else {}
-    shutil.copy2(nb, tmp / "notebook.ipynb")
-    manifest = {"stage": stage.name, "key": key, "run_id": run.run_id, "finished": time.time(),
-                "duration": time.time() - started, "params": run.params[stage.name], "products": products,
-                "digest": products_digest(products), "files": _file_records(tmp)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    _seal(tmp, stage.name, key, run.run_id, run.params[stage.name], nb, started)
     entry = _entry_of(cfg, stage.name, key)
     try: os.rename(tmp, entry)
     except OSError:  # another run finished the same key first: keep theirs, identical by construction
@@ -1263,6 +1352,20 @@ def _submit(fn, *args) -> Future:
     return fut
 
 # %% ../nbs/05_pipeline.ipynb #0032
+def _check_worker_settings(cfg: Config, store: stores.Store):
+    "With a store on Dask, stages run where the project folder is not: the store must be one they reach, and a setting naming a file of the project would be a scratch copy on each worker."
+    from mlnb.audit import log_path
+    if not store.shared:
+        raise ConfigError(f"store = {store.shown} lives in this process only, so no Dask worker reaches it; accepted with "
+                          "executor = dask: a store every worker reaches (a file:// folder they all mount, s3://, gs://, ...)")
+    files = [f"tracking_uri = {cfg.tracking_uri}"] if cfg.tracking_uri.startswith("sqlite:") else []
+    if isinstance(log_path(cfg), Path): files.append(f"audit_log = {log_path(cfg)} (a SQLite file)")
+    if files:
+        raise ConfigError(f"with store = {store.shown} on Dask, stages run on workers that do not have the project folder, where "
+                          f"{' and '.join(files)} would be a scratch file (a model registered there, and its audit events, would be lost); "
+                          "accepted: an http(s) tracking_uri and a postgresql:// audit_log every worker reaches (`mlnb stack up` prints them), "
+                          "or executor = local")
+
 def _on_ctrl_c(action):
     "While the run stops: make a further Ctrl-C call `action` (in a thread) instead of raising; returns the undo."
     if threading.current_thread() is not threading.main_thread(): return lambda: None
@@ -1280,6 +1383,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
     from mlnb import audit
     opts = opts or RunOptions()
     executed_dir(cfg)  # a bad setting is refused before anything starts
+    store = stores.open_store(cfg, check=True)  # so is a store of an unknown protocol, or one that cannot be reached
     check_tracking(cfg.tracking_uri)
     pipeline = discover(cfg.pipeline_dir)
     cleaned = clean_leftovers(cfg, max(opts.timeout or 0, cfg.stage_timeout) + KILL_GRACE)  # before this run's own record names its pid
@@ -1291,7 +1395,9 @@ def run_pipeline(cfg: Config,                       # the project's settings
     kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # the run's: every stage's kernel gets the same
     address = dask_address(cfg, opts.scheduler)
     if address:
-        try: pool = DaskStages(address, run.run_id, cfg.kernel, kenv)
+        try:
+            if store is not None: _check_worker_settings(cfg, store)
+            pool = DaskStages(address, run.run_id, cfg.kernel, kenv, store)
         except BaseException:
             run.rec.update(status="failed", ended=time.time()); run.finish("failed"); run.save(); raise
         run.rec["executor"] = {"dask": address}
@@ -1331,15 +1437,43 @@ def run_pipeline(cfg: Config,                       # the project's settings
                          {"key": key, "entry": str(entry), "why": why, "set_aside": str(aside) if aside else None})
         return why
 
+    def ship(stage) -> tuple:
+        "What a worker fetches from the store to run `stage`: settings.ini, the stage's notebook and its declared inputs, put there by content."
+        root = cfg.root.resolve()
+        try: notebook = stage.path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            raise ConfigError(f"with a store, the pipeline folder must be inside the project {cfg.root}; it is {stage.path.parent}") from None
+        files = {}
+        for rel, f in {"settings.ini": root / "settings.ini", notebook: stage.path, **{r: root / r for r in stage.inputs}}.items():
+            files[rel] = file_digest(f); stores.put_file(store, f, files[rel])
+        return files, notebook
+
     def execute(n, key):
         stage = pipeline.stages[n]
-        tmp = cfg.state / "cache" / n / f".tmp-{run.run_id}-{os.getpid()}-{secrets.token_hex(3)}"
-        tmp.mkdir(parents=True)
         nb = run.dir / "notebooks" / f"{n}.ipynb"
-        ctx = {"stage": n, "run_id": run.run_id, "run_dir": str(run.dir), "out_dir": str(tmp), "project": str(cfg.root), "git": run.rec["git"],
+        ctx = {"stage": n, "run_id": run.run_id, "run_dir": str(run.dir), "out_dir": None, "project": str(cfg.root), "git": run.rec["git"],
                "upstream": {u: str(entries[u]) for u in stage.upstream}, "tracking_uri": cfg.tracking_uri,
                "experiment": cfg.experiment, "model_name": cfg.model_name, "interactive": False, "trusted_types": trusted}
         if stop.is_set(): raise KeyboardInterrupt
+        if address and store is not None:  # on a worker that reads and writes only the store: nothing of this folder
+            files, notebook = ship(stage)
+            with run.lock: record = json.loads(json.dumps(run.rec, default=str))
+            job = {"store": store.url, "key": key, "upstream": {u: Path(entries[u]).name for u in stage.upstream},
+                   "files": files, "notebook": notebook, "record": record}
+            nb.unlink(missing_ok=True); started = time.time()
+            run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb),
+                    in_attempt=run.attempt)
+            worker = pool.run(stage, run.params[n], ctx, nb, timeout, stop, job)
+            with run.lock: run.rec["stages"][n]["worker"] = worker["name"]
+            entry = _entry_of(cfg, n, key)
+            try: got = (entry / "manifest.json").exists() or stores.get_entry(store, n, key, entry)
+            except StoreError as e: raise StageFailed(n, None, "StoreError", str(e), str(nb)) from None
+            if not got: raise StageFailed(n, None, "StoreError", f"Dask worker {worker['name']} finished it, but the store {store.shown} has no entry of it", str(nb))
+            _link_or_copy(entry / "notebook.ipynb", nb)
+            return entry, started
+        tmp = cfg.state / "cache" / n / f".tmp-{run.run_id}-{os.getpid()}-{secrets.token_hex(3)}"
+        tmp.mkdir(parents=True)
+        ctx["out_dir"] = str(tmp)
         if address:  # on a worker of the cluster, in a kernel started there
             nb.unlink(missing_ok=True); started = time.time()
             run.set(n, status="running", key=key, started=started, attempt=run.rec["stages"][n]["attempt"] + 1, notebook=str(nb),
@@ -1366,9 +1500,19 @@ def run_pipeline(cfg: Config,                       # the project's settings
         finally: pool.release(km)
         return _finish_entry(cfg, run, stage, key, tmp, nb, started), started
 
+    def fetch(n, key, entry):
+        "Bring the store's entry of `n` under `key` here, every file checked; one that does not check out is not used, and the run says so."
+        try: stores.get_entry(store, n, key, entry)
+        except StoreError as e:
+            run.note(n, f"{e}; running it again")
+            audit.record(cfg, "stage.reuse_refused", {"run": run.run_id, "stage": n}, {"key": key, "entry": f"{store.shown} cache/{n}/{key}", "why": str(e)})
+
     def complete(n, key, entry, status, started=None):
         man = json.loads((entry / "manifest.json").read_text())
         digests[n], entries[n] = man["digest"], entry
+        if store is not None:  # the team's cache: what ran or was reused here is in the store too (a worker may read it next)
+            stores.put_entry(store, entry, n, entry.name)
+            if status == "done" and not address: stores.put_notebook(store, run.run_id, n, run.dir / "notebooks" / f"{n}.ipynb")
         st = run.rec["stages"][n]
         if status != "done" and n in run.kept and st.get("entry") == str(entry):  # finished in an earlier attempt of this run: that record stands
             run.on_event({"stage": n, "run_id": run.run_id, **st, "earlier_attempt": True}); return
@@ -1397,6 +1541,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 stage = pipeline.stages[n]
                 key = cache_key(stage, run.params[n], {u: digests[u] for u in stage.upstream}, env, input_digests(stage, cfg))
                 entry = _entry_of(cfg, n, key)
+                if store is not None and not (entry / "manifest.json").exists() and n not in run.forced: fetch(n, key, entry)
                 if n in run.selected:  # reuse a finished entry of the same key, unless forced
                     reuse = (entry, "cached") if n not in run.forced and (entry / "manifest.json").exists() else None
                 elif (entry / "manifest.json").exists(): reuse = (entry, "cached")  # outside the selection: reuse by key,
@@ -1424,6 +1569,9 @@ def run_pipeline(cfg: Config,                       # the project's settings
                     complete(n, key, entry, "done", started)
                 except StageFailed as e:
                     failed.append(e)
+                    if store is not None and not address and Path(e.notebook or "").is_file():  # the evidence, where the team looks
+                        try: stores.put_notebook(store, run.run_id, n, Path(e.notebook))
+                        except (MlnbError, OSError): pass  # the stage's failure is what the run reports
                     e.shown = _show_notebook(cfg, run.dir, run.shown, n)  # the path the failure line names: one JupyterLab opens
                     run.set(n, status="failed", error=failure_text(e), cell=e.cell, visible_notebook=e.shown,
                             duration=time.time() - run.rec["stages"][n].get("started", time.time()))

@@ -3,7 +3,7 @@ import ast, subprocess, sys
 from conftest import ROOT
 
 PKG = ROOT / "mlnb"
-OWNERS = {"mlflow": {"tracking"}, "papermill": {"pipeline"}, "bentoml": {"serving"}, "dask": {"pipeline"}, "distributed": {"pipeline"}}
+OWNERS = {"mlflow": {"tracking"}, "papermill": {"pipeline"}, "bentoml": {"serving"}, "dask": {"pipeline"}, "distributed": {"pipeline"}, "fsspec": {"store"}}
 
 
 def imports(path):

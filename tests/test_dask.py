@@ -201,3 +201,80 @@ def test_an_unreachable_scheduler_is_one_line(project):
     rec = run_json(project, "run", "--scheduler", "local")  # here, whatever the settings say (e.g. to resume without the cluster)
     assert rec["executor"] == "local" and statuses(rec) == {"a": "done"}
 
+
+
+def _private_mounts() -> list | None:
+    "The `unshare` command that gives a process mounts of its own (as root, or in a user namespace), or None where neither works."
+    import shutil as sh
+    if not sh.which("unshare"): return None
+    for cmd in (["unshare", "-m"], ["unshare", "-rm"]):
+        if subprocess.run([*cmd, "true"], capture_output=True).returncode == 0: return cmd
+    return None
+
+
+_DRIVER = r'''
+import json, os, subprocess, sys
+from pathlib import Path
+from mlnb.pipeline import write_stage
+hidden, store, scheduler, out, team = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), json.loads(sys.argv[5])
+subprocess.run(["mount", "-t", "tmpfs", "none", str(hidden)], check=True)  # only this process and its children see what is in it
+p = hidden / "proj"; (p / "pipeline").mkdir(parents=True)
+(p / "settings.ini").write_text(f"[mlnb]\npipeline = pipeline\nexperiment = test\nmodel_name = test-model\nstore = {store}\n")
+(p / "data.txt").write_text("5\n")
+here = "import os\nassert not os.path.exists(" + repr(str(p / "settings.ini")) + "), 'this kernel sees the client project'\n"
+write_stage(p / "pipeline/a.ipynb", "upstream = []\ninputs = ['data.txt']\nn = 3",
+            here + "from mlnb import stage\nk = int(open(os.path.join(stage.context()['project'], 'data.txt')).read())\nstage.save('nums', {'n': n + k})")
+write_stage(p / "pipeline/b.ipynb", "upstream = ['a']\nfactor = 2", here + "from mlnb import stage\nx = 1", "raise ValueError('factor is wrong')")
+write_stage(p / "pipeline/c.ipynb", "upstream = ['b']", here + "from mlnb import stage\nstage.save('out', {'y': stage.load('doubled')['x'] + 1})")
+env = {k: v for k, v in os.environ.items() if k != "MLNB_PROJECT"}
+mlnb = [sys.executable, "-c", "from mlnb.cli import main; main()", "--project", str(p)]
+res = {"seen": (p / "settings.ini").exists()}
+r = subprocess.run([*mlnb, "run", "--scheduler", scheduler], capture_output=True, text=True, env=env, cwd=p, timeout=300)
+res["sqlite"] = {"code": r.returncode, "stderr": r.stderr}  # MLflow and the audit log in files of the project: not on the workers
+with open(p / "settings.ini", "a") as f: f.write(f"tracking_uri = {team['tracking_uri']}\naudit_log = {team['audit_log']}\n")
+r = subprocess.run([*mlnb, "run", "--scheduler", scheduler], capture_output=True, text=True, env=env, cwd=p, timeout=300)
+res["failed"] = {"code": r.returncode, "stderr": r.stderr}
+rec = max((json.loads(f.read_text()) for f in (p / ".mlnb/runs").glob("*/run.json")), key=lambda r: r["started"])
+res["failed"]["record"] = rec
+res["failed"]["notebook"] = json.loads((p / rec["stages"]["b"]["visible_notebook"]).read_text())
+write_stage(p / "pipeline/b.ipynb", "upstream = ['a']\nfactor = 2",
+            here + "from mlnb import stage\nstage.save('doubled', {'x': stage.load('nums')['n'] * factor})")
+r = subprocess.run([*mlnb, "run", "--resume", "--json"], capture_output=True, text=True, env=env, cwd=p, timeout=300)
+res["resumed"] = {"code": r.returncode, "stderr": r.stderr, "record": json.loads(r.stdout) if r.returncode == 0 else None}
+if r.returncode == 0: res["out"] = json.loads((Path(res["resumed"]["record"]["stages"]["c"]["entry"]) / "out.json").read_text())
+out.write_text(json.dumps(res))
+'''
+
+
+def test_with_a_store_the_workers_never_see_the_project_folder(team_stack, tmp_path):
+    """The client runs in mounts of its own, its project on a tmpfs only it sees (for the workers, the folder is empty): every
+    stage asserts on its worker that the project is not there, and still gets its notebook, its inputs and its upstream
+    products (from the store). A failure leaves its executed notebook here, and `--resume` completes the run."""
+    unshare = _private_mounts()
+    if unshare is None: pytest.skip("needs `unshare -m` (root) or `unshare -rm` (user namespaces) to hide the project from the workers")
+    hidden, store, out = tmp_path / "hidden", tmp_path / "store", tmp_path / "result.json"
+    hidden.mkdir()
+    (tmp_path / "driver.py").write_text(_DRIVER)
+    team = {k: team_stack.settings[k] for k in ("tracking_uri", "audit_log")}
+    p = subprocess.run([*unshare, sys.executable, str(tmp_path / "driver.py"), str(hidden), store.as_uri(), team_stack.scheduler, str(out),
+                        json.dumps(team)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert res["seen"] and list(hidden.iterdir()) == [], "the client sees its project; nobody else does"
+    assert res["sqlite"]["code"] == 1 and "on Dask, stages run on workers that do not have the project folder, where tracking_uri = sqlite:///" in res["sqlite"]["stderr"]
+    assert "accepted: an http(s) tracking_uri and a postgresql:// audit_log" in res["sqlite"]["stderr"], res["sqlite"]["stderr"]
+    failed = res["failed"]
+    assert failed["code"] == 1, failed["stderr"]
+    lines = [l for l in failed["stderr"].splitlines() if l.startswith("mlnb: error")]
+    assert len(lines) == 1 and "stage 'b' failed in code cell 3 of b.ipynb, line 1" in lines[0] and "ValueError: factor is wrong" in lines[0], failed["stderr"]
+    rec = failed["record"]
+    assert statuses(rec) == {"a": "done", "b": "failed", "c": "skipped"}, rec
+    assert rec["stages"]["a"]["worker"] in {n for n, _ in team_stack.cluster.workers}
+    assert any("papermill-error-cell-tag" in c["metadata"].get("tags", []) for c in failed["notebook"]["cells"]), "the failure's notebook came back"
+    assert (store / "runs" / rec["run_id"] / "notebooks" / "b.ipynb").is_file()
+    resumed = res["resumed"]
+    assert resumed["code"] == 0, resumed["stderr"]
+    assert resumed["record"]["run_id"] == rec["run_id"] and statuses(resumed["record"]) == {"a": "done", "b": "done", "c": "done"}
+    assert res["out"] == {"y": 17}, "a's input file and upstream products reached the workers"
+    for n, s in resumed["record"]["stages"].items():
+        assert (store / "cache" / n / s["key"] / "manifest.json").is_file(), f"{n}: its entry is in the store"
