@@ -1,5 +1,5 @@
 "Shared fixtures: throwaway mlnb projects with real kernels and a real MLflow SQLite store in a temporary folder."
-import json, os, shutil, subprocess, sys, textwrap
+import json, os, shutil, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 
@@ -8,6 +8,16 @@ from mlnb.pipeline import write_stage
 ROOT = Path(__file__).resolve().parents[1]
 MLNB = [sys.executable, "-c", "from mlnb.cli import main; main()"]
 for k in ("MLFLOW_DISABLE_TELEMETRY", "BENTOML_DO_NOT_TRACK", "DO_NOT_TRACK"): os.environ[k] = "true"
+
+
+def wait_for(check, timeout=60, what=None, every=0.2):
+    "Poll `check` until it returns something true, and return that; after `timeout` s fail, naming `what` (or its docstring)."
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = check()
+        if out: return out
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what or check.__doc__ or check}")
 
 
 def run_mlnb(project, *args, timeout=300, env=None, check=None):

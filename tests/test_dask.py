@@ -5,21 +5,13 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
-from conftest import MLNB, add_stage, free_port, run_json, run_mlnb, statuses
+from conftest import MLNB, add_stage, free_port, run_json, run_mlnb, statuses, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def product(project, rec, stage, name):
     return json.loads((Path(rec["stages"][stage]["entry"]) / f"{name}.json").read_text())
-
-
-def wait_for(cond, timeout=120, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond(): return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_chain_runs_on_the_cluster_with_the_local_executors_keys(chain, team_stack):
@@ -78,7 +70,7 @@ def test_ctrl_c_stops_the_stage_on_its_worker(project, team_stack):
               "from mlnb import stage\nstage.save('done', {'ok': True})")
     proc = subprocess.Popen([*MLNB, "--project", str(project), "run", "--scheduler", team_stack.scheduler],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(pidfile.exists, what="the stage to start on a worker")
+    wait_for(pidfile.exists, 120, what="the stage to start on a worker")
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -150,7 +142,7 @@ def test_a_worker_that_dies_mid_stage_fails_it_by_name_and_resume_completes(proj
                   "from mlnb import stage\nstage.save('done', {'ok': True})")
         run = subprocess.Popen([*MLNB, "--project", str(project), "run", "--scheduler", address], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        wait_for(started.exists, what="the long stage to start")
+        wait_for(started.exists, 120, what="the long stage to start")
         first.kill(); first.wait()
         out, err = run.communicate(timeout=120)
         assert run.returncode == 1, err

@@ -3,7 +3,7 @@ import json, os, re, shutil, socket, subprocess, sys, threading, time
 from pathlib import Path
 import httpx
 import pytest
-from conftest import reference_project_reusing, MLNB, ROOT, run_json, run_mlnb
+from conftest import reference_project_reusing, MLNB, ROOT, run_json, run_mlnb, wait_for
 
 pytestmark = pytest.mark.slow  # one project built up test after test: a registered model, a bento, a served service
 
@@ -441,15 +441,6 @@ def registry(served, *args):
     p = subprocess.run([sys.executable, "-c", REGISTRY, cfg.tracking_uri, cfg.model_name, *args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout.strip()
-
-
-def wait_for(check, timeout=30, every=0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = check()
-        if out: return out
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s: {check.__doc__ or check}")
 
 
 def rss_kb(pid):

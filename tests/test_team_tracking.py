@@ -4,7 +4,7 @@ views; two pipelines promoting at once, and many processes moving aliases at onc
 import json, os, shutil, subprocess, sys, time, uuid
 import pytest
 
-from conftest import MLNB, Served, git, reference_project, run_json, run_mlnb, statuses
+from conftest import MLNB, Served, git, reference_project, run_json, run_mlnb, statuses, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +48,6 @@ def read_back(c, experiment):
                                  "params": r.data.params, "metrics": r.data.metrics, "files": sorted(files(r.info.run_id)),
                                  "tags": {k: (key[v] if k == "mlflow.parentRunId" else v) for k, v in r.data.tags.items() if k != "mlnb.run_dir"}}
             for r in runs}, exp.tags
-
-
-def wait_for(cond, timeout=60, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond(): return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
