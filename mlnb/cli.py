@@ -567,7 +567,8 @@ def features_materialize(ctx, end, views, as_json):
     "Load the newest feature values into the online store, each view from where its last load ended."
     from mlnb.features import materialize
     out = materialize(_cfg(ctx), end=end, views=list(views) or None)
-    _out(out, as_json, f"materialized {', '.join(out['views'])} up to {out['end']}")
+    _out(out, as_json, (f"materialized {', '.join(out['views'])} up to {out['end']}" if out["views"] else f"nothing to load up to {out['end']}")
+         + (f"; already up to date: {', '.join(out['up_to_date'])}" if out["up_to_date"] else ""))
 
 @features.command("get")
 @click.argument("keys", nargs=-1, required=True, metavar="KEY=VALUE...")

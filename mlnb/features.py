@@ -45,10 +45,11 @@ def load_definitions(cfg: Config) -> dict:
     "Run the code cells of the definitions notebook (`feature_definitions`) and collect the Feast objects it makes, by kind."
     path = _definitions(cfg)
     ns = {"__name__": "__mlnb_features__"}
-    for i, src in enumerate(_code_cells(path), 1):
-        try: exec(compile(src, f"{path.name} code cell {i}", "exec"), ns)
-        except Exception as e:
-            raise ConfigError(f"{path.name}: code cell {i} failed: {type(e).__name__}: {e}") from e
+    with contextlib.chdir(cfg.root):  # as from the project folder, wherever the caller runs (a stage runs in its notebook's folder)
+        for i, src in enumerate(_code_cells(path), 1):
+            try: exec(compile(src, f"{path.name} code cell {i}", "exec"), ns)
+            except Exception as e:
+                raise ConfigError(f"{path.name}: code cell {i} failed: {type(e).__name__}: {e}") from e
     found = {k: [] for k in KINDS}
     for name, obj in ns.items():
         kind = None if name.startswith("_") else _kind(obj)
@@ -172,17 +173,22 @@ def materialize(cfg: Config,
                 end: datetime | str | None = None,   # load values written up to this time (default: now)
                 views: list | None = None,           # default: every feature view
                ) -> dict:
-    "Load the newest feature values up to `end` into the online store (each view from where its last materialization ended)."
+    "Load the newest feature values up to `end` into the online store (each view from where its last materialization ended, or from the start)."
     end = _utc(end)
     store = ensure_applied(cfg)
-    known = [v.name for v in store.list_feature_views()]
+    known = {v.name: v for v in store.list_feature_views()}
     for v in views or []:
         if v not in known: raise NotFound(f"no feature view '{v}'; feature views: {', '.join(sorted(known))}")
-    with contextlib.redirect_stdout(sys.stderr):  # Feast prints its progress; results go to stdout only from the CLI
-        try: store.materialize_incremental(end_date=end, feature_views=views or None)
-        except MlnbError: raise
-        except Exception as e: raise ConfigError(f"materialization failed: {type(e).__name__}: {e}") from e
-    return {"end": end.isoformat(), "views": list(views or known)}
+    done, current = [], []
+    for name in views or sorted(known):
+        start = known[name].most_recent_end_time or datetime(1970, 1, 1, tzinfo=timezone.utc)  # Feast's own first start, now - ttl, misses older data
+        if start >= end: current.append(name); continue
+        with contextlib.redirect_stdout(sys.stderr):  # Feast prints its progress; results go to stdout only from the CLI
+            try: store.materialize(start_date=start, end_date=end, feature_views=[name])
+            except MlnbError: raise
+            except Exception as e: raise ConfigError(f"materializing {name} failed: {type(e).__name__}: {e}") from e
+        done.append(name)
+    return {"end": end.isoformat(), "views": done, "up_to_date": current}
 
 # %% ../nbs/18_features.ipynb #d918581c
 def _key_value(raw, dtype):

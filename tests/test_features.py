@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from conftest import add_stage, run_json, run_mlnb, statuses
 
-VIEW = ('account_stats = FeatureView(name="account_stats", entities=[account], ttl=timedelta(days=365),\n'
+VIEW = ('account_stats = FeatureView(name="account_stats", entities=[account], ttl=timedelta(days=30),\n'
         '    schema=[Field(name="n_tx_24h", dtype=Int64), Field(name="usual_amount", dtype=Float64)],\n'
         '    source=FileSource(path="data/account_stats.parquet", timestamp_field="ts"))')
 
@@ -41,9 +41,10 @@ def test_cli_apply_materialize_get(store_project):
     # before materialization the online store knows nobody
     assert "no features for account_id=1" in error_line(run_mlnb(p, "features", "get", "account_id=1", check=1))
     # up to Jan 7: account 1's newest value is the one of Jan 1, not Jan 10's
-    out = run_json(p, "features", "materialize", "--end", "2026-01-07")
+    out = run_json(p, "features", "materialize", "--end", "2026-01-07")  # more than a ttl ago: the first load still starts at the beginning
     assert out["views"] == ["account_stats"] and out["end"].startswith("2026-01-07")
     assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 3, "usual_amount": 10.0}
+    assert run_json(p, "features", "materialize", "--end", "2026-01-05")["up_to_date"] == ["account_stats"]
     run_json(p, "features", "materialize", "--end", "2026-02-01")
     assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
     assert run_json(p, "features", "get", "account_id=2", "--feature", "account_stats:n_tx_24h") == {"account_id": 2, "n_tx_24h": 7}
@@ -81,7 +82,7 @@ def test_definition_change_reruns_only_the_stages_that_read_the_store(store_proj
     assert run_json(p, "show")["stages"]["train"]["metrics"]["n_tx_sum"] == 3 + 99 + 7  # each event sees the value of its time
     assert statuses(run_json(p, "run")) == {"events": "cached", "train": "cached"}
     # a changed definition reruns the stage that reads the store, not the others
-    write_definitions(p, VIEW.replace("days=365", "days=3"))
+    write_definitions(p, VIEW.replace("days=30", "days=3"))
     rec = run_json(p, "run")
     assert statuses(rec) == {"events": "cached", "train": "done"}
     assert run_json(p, "show")["stages"]["train"]["metrics"]["n_tx_sum"] == 99 + 7  # with a 3-day ttl, Jan 1's value is too old for Jan 5
