@@ -12,9 +12,10 @@ from .errors import MlnbError
 
 # %% auto #0
 __all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync',
-           'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'build', 'serve',
-           'simulate', 'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new', 'stack',
-           'stack_up', 'stack_down', 'stack_status']
+           'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'features', 'features_list',
+           'features_apply', 'features_materialize', 'features_get', 'build', 'serve', 'simulate', 'monitor', 'audit',
+           'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new', 'stack', 'stack_up', 'stack_down',
+           'stack_status']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -530,6 +531,57 @@ def contract_check(data, contract_file, exclude, as_json):
                 f"{' '.join('--exclude ' + c for c in extra)}, or list {'it' if len(extra) == 1 else 'them'} under ignore_columns in {contract_file}") if extra else ""
         raise ValidationError(f"{len(rep['violations'])} contract check(s) failed{hint}")
 
+
+# %% ../nbs/20_cli.ipynb #1bfa6e75
+@main.group()
+def features():
+    "The feature store: Feast definitions from the project's notebook (feature_definitions), the registry and online store under .mlnb/features."
+
+@features.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_list(ctx, as_json):
+    "List the feature views (the definitions are applied first when they changed)."
+    from mlnb.features import list_views
+    views = list_views(_cfg(ctx))
+    rows = [f"{v['name']}  [{', '.join(v['entities']) or v['kind']}]  {', '.join(v['features'])}"
+            + (f"  (materialized until {v['materialized_until']})" if v["materialized_until"] else "") for v in views]
+    _out(views, as_json, "\n".join(rows) or "no feature views")
+
+@features.command("apply")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_apply(ctx, as_json):
+    "Register the definitions in the feature store (views the notebook no longer defines are removed)."
+    from mlnb.features import apply_definitions
+    out = apply_definitions(_cfg(ctx))
+    _out(out, as_json, f"applied {len(out['feature_views']) + len(out['on_demand_feature_views'])} feature view(s), {len(out['entities'])} entity(ies)"
+         + (f"; removed {', '.join(out['removed'])}" if out["removed"] else "") + f" (definitions {out['digest'][:12]})")
+
+@features.command("materialize")
+@click.option("--end", metavar="TIME", help="Load values written up to TIME (ISO 8601, e.g. 2026-01-31; default: now).")
+@click.option("--view", "views", multiple=True, metavar="VIEW", help="Only this feature view (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_materialize(ctx, end, views, as_json):
+    "Load the newest feature values into the online store, each view from where its last load ended."
+    from mlnb.features import materialize
+    out = materialize(_cfg(ctx), end=end, views=list(views) or None)
+    _out(out, as_json, (f"materialized {', '.join(out['views'])} up to {out['end']}" if out["views"] else f"nothing to load up to {out['end']}")
+         + (f"; already up to date: {', '.join(out['up_to_date'])}" if out["up_to_date"] else ""))
+
+@features.command("get")
+@click.argument("keys", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.option("--feature", "feats", multiple=True, metavar="VIEW[:FEATURE]", help="Only these features (repeatable; default: every view keyed by KEY).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_get(ctx, keys, feats, as_json):
+    "Look up one entity's newest feature values in the online store, e.g. `mlnb features get account_id=17`."
+    from mlnb.features import online_features
+    bad = [k for k in keys if "=" not in k or not k.split("=", 1)[0]]
+    if bad: raise click.BadParameter(f"{', '.join(bad)}: expected KEY=VALUE, e.g. account_id=17", param_hint="KEY=VALUE")
+    out = online_features(_cfg(ctx), dict(k.split("=", 1) for k in keys), list(feats) or None)
+    _out(out, as_json, "\n".join(f"{k}: {v}" for k, v in out.items()))
 
 # %% ../nbs/20_cli.ipynb #0015
 @main.command()

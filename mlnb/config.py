@@ -58,6 +58,10 @@ class Config:
 
     @property
     def prediction_log_dir(self) -> Path: return self.root / self.extra.get("prediction_log", f"{self.state_dir}/predictions")
+    @property
+    def feature_definitions(self) -> Path: return self.root / self.extra.get("feature_definitions", "nbs/features.ipynb")
+    @property
+    def feature_store_dir(self) -> Path: return self.root / self.extra.get("feature_store", f"{self.state_dir}/features")
 
 # %% ../nbs/01_config.ipynb #0007
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ SETTINGS = {
     "retrain_on_alert": _S(bool, "", "every drift or degradation alert retrains"),
     # the audit log (mlnb.audit)
     "audit_log": _S(str, "", "the audit log: a SQLite file, or postgresql://USER@HOST:PORT/DATABASE for a team (its head anchored on an http(s) tracking_uri)"),
+    # the feature store (mlnb.features)
+    "feature_definitions": _S(str, "", "the notebook of Feast definitions (entities, sources, feature views); default nbs/features.ipynb"),
+    "feature_store": _S(str, "", "folder of the Feast registry and the SQLite online store (default: <state_dir>/features)"),
 }
 
 # `MLNB_*` variables that are not settings

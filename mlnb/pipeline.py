@@ -15,10 +15,11 @@ from .errors import ConfigError, MlnbError, NotFound, PipelineError, StageFailed
 from . import store as stores  # light: fsspec is imported when a store is opened
 
 # %% auto #0
-__all__ = ['WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'Stage', 'read_stage', 'Pipeline', 'discover', 'write_stage',
-           'resolve_params', 'env_digest', 'input_digests', 'cache_key', 'products_digest', 'runs_dir', 'executed_dir',
-           'new_run_id', 'KernelPool', 'failure_text', 'dask_address', 'DaskStages', 'RunOptions', 'load_run',
-           'list_runs', 'verify_entry', 'clean_leftovers', 'run_pipeline']
+__all__ = ['FEATURE_CALLS', 'WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'Stage', 'read_stage', 'Pipeline', 'discover',
+           'write_stage', 'resolve_params', 'env_digest', 'input_digests', 'uses_feature_store', 'notebook_digest',
+           'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id', 'KernelPool', 'failure_text',
+           'dask_address', 'DaskStages', 'RunOptions', 'load_run', 'list_runs', 'verify_entry', 'clean_leftovers',
+           'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -228,7 +229,29 @@ def input_digests(stage: Stage, cfg: Config) -> dict:
         if not f.is_file():
             raise PipelineError(f"stage '{stage.name}' declares input '{rel}', which is not a file (inputs are relative to the project folder {root})")
         out[rel] = file_digest(f)
+    if uses_feature_store(stage):
+        f = cfg.feature_definitions
+        if not f.is_file():
+            raise PipelineError(f"stage '{stage.name}' reads the feature store, but its definitions notebook {f.relative_to(root)} "
+                                "is missing (settings.ini feature_definitions names it)")
+        out[f"features:{f.relative_to(root).as_posix()}"] = notebook_digest(f)
     return out
+
+FEATURE_CALLS = ("training_frame",)  # the calls that make a stage read the feature store
+
+def uses_feature_store(stage: Stage) -> bool:
+    "Does the stage's code call the feature store's training-data helper (`features.training_frame(...)`)?"
+    for src in stage.code:
+        try: tree = ast.parse(src)
+        except SyntaxError: continue
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Call) and (getattr(n.func, "id", None) or getattr(n.func, "attr", None)) in FEATURE_CALLS: return True
+    return False
+
+def notebook_digest(path: Path | str) -> str:
+    "A digest of a notebook's code cells only: outputs, execution counts and prose do not change it."
+    nb = json.loads(Path(path).read_text())
+    return hashlib.sha256(json.dumps([_src(c) for c in nb.get("cells", []) if c.get("cell_type") == "code"]).encode()).hexdigest()
 
 def cache_key(stage: Stage, params: dict, upstream_digests: dict, env: str, inputs: dict | None = None) -> str:
     "The content key of one stage execution."

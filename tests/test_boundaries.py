@@ -3,7 +3,7 @@ import ast, subprocess, sys
 from conftest import ROOT
 
 PKG = ROOT / "mlnb"
-OWNERS = {"mlflow": {"tracking"}, "papermill": {"pipeline"}, "bentoml": {"serving"}, "dask": {"pipeline"}, "distributed": {"pipeline"}, "fsspec": {"store"}}
+OWNERS = {"mlflow": {"tracking"}, "papermill": {"pipeline"}, "bentoml": {"serving"}, "dask": {"pipeline"}, "distributed": {"pipeline"}, "fsspec": {"store"}, "feast": {"features"}}
 
 
 def imports(path):
@@ -19,7 +19,7 @@ def test_one_importer_per_heavy_library():
 
 
 def test_import_mlnb_cli_is_light():
-    code = "import sys, mlnb, mlnb.cli, mlnb.pipeline, mlnb.stage, mlnb.tracking; heavy = [m for m in ('mlflow', 'papermill', 'pandas', 'bentoml', 'sklearn') if m in sys.modules]; print(heavy)"
+    code = "import sys, mlnb, mlnb.cli, mlnb.pipeline, mlnb.stage, mlnb.tracking; heavy = [m for m in ('mlflow', 'papermill', 'pandas', 'bentoml', 'sklearn', 'feast') if m in sys.modules]; print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"importing mlnb pulled in {out}"
 

@@ -1,0 +1,88 @@
+"The feature store through the real CLI and the real pipeline: Feast definitions from a notebook, online lookups, cache keys."
+import json
+import pandas as pd
+import pytest
+from conftest import add_stage, run_json, run_mlnb, statuses
+
+VIEW = ('account_stats = FeatureView(name="account_stats", entities=[account], ttl=timedelta(days=30),\n'
+        '    schema=[Field(name="n_tx_24h", dtype=Int64), Field(name="usual_amount", dtype=Float64)],\n'
+        '    source=FileSource(path="data/account_stats.parquet", timestamp_field="ts"))')
+
+
+def write_definitions(project, *cells):
+    cells = ["from datetime import timedelta\nfrom feast import Entity, FeatureView, Field, FileSource, ValueType\nfrom feast.types import Float64, Int64",
+             'account = Entity(name="account", join_keys=["account_id"], value_type=ValueType.INT64)', *cells]
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": s} for i, s in enumerate(cells)],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (project / "nbs").mkdir(exist_ok=True)
+    (project / "nbs/features.ipynb").write_text(json.dumps(nb, indent=1))
+
+
+@pytest.fixture
+def store_project(project):
+    (project / "data").mkdir()
+    pd.DataFrame({"account_id": [1, 1, 2], "ts": pd.to_datetime(["2026-01-01", "2026-01-10", "2026-01-05"], utc=True),
+                  "n_tx_24h": [3, 99, 7], "usual_amount": [10.0, 50.0, 20.0]}).to_parquet(project / "data/account_stats.parquet")
+    write_definitions(project, VIEW)
+    return project
+
+
+def error_line(p):
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("mlnb: error: ") and "Traceback" not in p.stderr, p.stderr
+    return lines[-1]
+
+
+def test_cli_apply_materialize_get(store_project):
+    p = store_project
+    views = run_json(p, "features", "list")  # applies the definitions first
+    assert [(v["name"], v["entities"], v["features"], v["materialized_until"]) for v in views] == [("account_stats", ["account_id"], ["n_tx_24h", "usual_amount"], None)]
+    assert (p / ".mlnb/features/registry.db").is_file()
+    # before materialization the online store knows nobody
+    assert "no features for account_id=1" in error_line(run_mlnb(p, "features", "get", "account_id=1", check=1))
+    # up to Jan 7: account 1's newest value is the one of Jan 1, not Jan 10's
+    out = run_json(p, "features", "materialize", "--end", "2026-01-07")  # more than a ttl ago: the first load still starts at the beginning
+    assert out["views"] == ["account_stats"] and out["end"].startswith("2026-01-07")
+    assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 3, "usual_amount": 10.0}
+    assert run_json(p, "features", "materialize", "--end", "2026-01-05")["up_to_date"] == ["account_stats"]
+    run_json(p, "features", "materialize", "--end", "2026-02-01")
+    assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
+    assert run_json(p, "features", "get", "account_id=2", "--feature", "account_stats:n_tx_24h") == {"account_id": 2, "n_tx_24h": 7}
+    # unknown entity, key, view, feature, time: one line naming it and what exists
+    assert "no features for account_id=5" in error_line(run_mlnb(p, "features", "get", "account_id=5", check=1))
+    assert "no entity key 'acount_id'; entity keys: account_id" in error_line(run_mlnb(p, "features", "get", "acount_id=1", check=1))
+    assert "no feature view 'x'; feature views: account_stats" in error_line(run_mlnb(p, "features", "materialize", "--view", "x", check=1))
+    assert "is not a time; accepted: ISO 8601" in error_line(run_mlnb(p, "features", "materialize", "--end", "yesterday", check=1))
+    assert "expected KEY=VALUE" in run_mlnb(p, "features", "get", "account_id", check=2).stderr
+    # a renamed view replaces the old one in the store
+    write_definitions(p, VIEW.replace('name="account_stats"', 'name="account_profile"'))
+    out = run_json(p, "features", "apply")
+    assert out["feature_views"] == ["account_profile"] and out["removed"] == ["account_stats"]
+
+
+def test_cli_broken_definitions(project):
+    assert "nbs/features.ipynb is missing (settings.ini feature_definitions names" in error_line(run_mlnb(project, "features", "list", check=1))
+    write_definitions(project, "x = 1 / 0")
+    assert "features.ipynb: code cell 3 failed: ZeroDivisionError" in error_line(run_mlnb(project, "features", "apply", check=1))
+
+
+@pytest.mark.slow
+def test_definition_change_reruns_only_the_stages_that_read_the_store(store_project):
+    p = store_project
+    add_stage(p, "events", "upstream = []",
+              "import pandas as pd\nfrom mlnb import stage\n"
+              "stage.save('events', pd.DataFrame({'account_id': [1, 1, 2], 'label': [0, 1, 0], "
+              "'event_timestamp': pd.to_datetime(['2026-01-05', '2026-01-11', '2026-01-06'], utc=True)}))")
+    add_stage(p, "train", "upstream = ['events']",
+              "from mlnb import features, stage\n"
+              "df = features.training_frame(stage.load('events'), ['account_stats'])\n"
+              "stage.save('train', df)\nstage.log_metric('n_tx_sum', float(df['n_tx_24h'].sum()))")
+    rec = run_json(p, "run")
+    assert statuses(rec) == {"events": "done", "train": "done"}
+    assert run_json(p, "show")["stages"]["train"]["metrics"]["n_tx_sum"] == 3 + 99 + 7  # each event sees the value of its time
+    assert statuses(run_json(p, "run")) == {"events": "cached", "train": "cached"}
+    # a changed definition reruns the stage that reads the store, not the others
+    write_definitions(p, VIEW.replace("days=30", "days=3"))
+    rec = run_json(p, "run")
+    assert statuses(rec) == {"events": "cached", "train": "done"}
+    assert run_json(p, "show")["stages"]["train"]["metrics"]["n_tx_sum"] == 99 + 7  # with a 3-day ttl, Jan 1's value is too old for Jan 5
