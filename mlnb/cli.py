@@ -979,8 +979,10 @@ def stack_status(ctx, folder, as_json):
         text.append(f"  MLflow server  {state(m['running'])}{', answers' if m['healthy'] else ', does not answer'}  {m['uri']} (pid {m['pid']}; log {m['log']})")
     if "dask" in p:
         c = p["dask"]
-        text.append(f"  Dask           {state(c['running'])}  {c['address']} (pid {c['pid']}), {len(c['connected'])} of {len(c['workers'])} workers connected"
-                    + (f": {', '.join(c['connected'])}" if c["connected"] else ""))
+        have = c["connected"]
+        workers = ("the scheduler does not answer" if have is None else
+                   f"{len(have)} of {len(c['workers'])} workers connected" + (f": {', '.join(have)}" if have else ""))
+        text.append(f"  Dask           {state(c['running'])}  {c['address']} (pid {c['pid']}), {workers}")
     if st["running"] and st.get("settings"): text += _settings_lines(st["settings"])
     elif not st["running"]: text.append(f"stop what is left with: mlnb stack down --dir {d}")
     _out(st, as_json, "\n".join(text))

@@ -318,19 +318,20 @@ class DaskCluster:
 
     def _marker(self, name: str) -> str: return f"--local-directory {self.folder / name} "  # the last argument: exact
 
-    def connected(self) -> list:
-        "Names of the workers the scheduler has now (asked over its HTTP endpoint: no Dask client in this process)."
-        raw = _http_get(f"http://{HOST}:{self.dashboard_port}/json/identity.json") if self.dashboard_port else None
-        return sorted(str(w.get("name")) for w in json.loads(raw).get("workers", {}).values()) if raw else []
+    def connected(self, timeout: float = 10) -> list | None:
+        "Names of the workers the scheduler has now (asked over its HTTP endpoint: no Dask client in this process); None if it does not answer."
+        raw = _http_get(f"http://{HOST}:{self.dashboard_port}/json/identity.json", timeout) if self.dashboard_port else None
+        return sorted(str(w.get("name")) for w in json.loads(raw).get("workers", {}).values()) if raw else None
 
     def wait_for_workers(self, names=None, timeout: float = 120):
         "Wait until the scheduler has exactly the workers `names` (default: every worker started here)."
         want = sorted(names if names is not None else [n for n, _ in self.workers])
         end = time.time() + timeout
-        while (have := self.connected()) != want:
+        while (have := self.connected(timeout=2)) != want:
             dead = [n for n, pid in self.workers if n in want and not _alive(pid)]
             if dead or time.time() > end:
-                why = f"worker {dead[0]} exited" if dead else f"after {timeout:.0f} s the scheduler has {have or 'no workers'}"
+                why = (f"worker {dead[0]} exited" if dead else f"after {timeout:.0f} s the scheduler does not answer" if have is None
+                       else f"after {timeout:.0f} s the scheduler has {have or 'no workers'}")
                 raise StackError(f"the Dask cluster at {self.address} did not get its workers {want}: {why}; "
                                  f"{_tail(self.folder / f'{(dead or want)[0]}.log')}")
             time.sleep(0.1)
@@ -338,7 +339,8 @@ class DaskCluster:
     def add_worker(self, name: str | None = None, timeout: float = 120) -> tuple:
         "Start one more worker (`name` may be one that was killed); wait until the scheduler has it. Returns (name, pid)."
         name = name or f"worker-{len(self.workers) + 1}"
-        if name in self.connected(): raise ConfigError(f"the cluster already has a worker named {name!r}; workers: {', '.join(self.connected())}")
+        have = self.connected() or []
+        if name in have: raise ConfigError(f"the cluster already has a worker named {name!r}; workers: {', '.join(have)}")
         pid = self._spawn_worker(name)
         self.wait_for_workers(timeout=timeout)
         return name, pid
