@@ -63,6 +63,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'mlnb.cli._stack_dir': ('cli.html#_stack_dir', 'mlnb/cli.py'),
                           'mlnb.cli._stage_rows': ('cli.html#_stage_rows', 'mlnb/cli.py'),
                           'mlnb.cli._sweep': ('cli.html#_sweep', 'mlnb/cli.py'),
+                          'mlnb.cli._sweep_part': ('cli.html#_sweep_part', 'mlnb/cli.py'),
                           'mlnb.cli._working': ('cli.html#_working', 'mlnb/cli.py'),
                           'mlnb.cli._write_artifacts': ('cli.html#_write_artifacts', 'mlnb/cli.py'),
                           'mlnb.cli.audit': ('cli.html#audit', 'mlnb/cli.py'),

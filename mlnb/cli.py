@@ -355,9 +355,10 @@ def status(ctx, run_id, as_json):
     rec = load_run(cfg, run_id or "latest")
     summary = [{"run_id": r["run_id"], "status": r["status"], "started": r["started"], "duration": r.get("duration"),
                 "ran": sum(s["status"] == "done" for s in r["stages"].values()),
-                "reused": sum(s["status"] == "cached" for s in r["stages"].values())} for r in runs[:10]]
+                "reused": sum(s["status"] == "cached" for s in r["stages"].values()), "sweep": r.get("sweep")} for r in runs[:10]]
     lines = ["runs (newest first):"] + [f"  {r['run_id']}  {r['status']:<12} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['started']))}"
-                                        f"  {r['ran']} ran, {r['reused']} reused" for r in summary]
+                                        f"  {r['ran']} ran, {r['reused']} reused" + (f"  ({_sweep_part(r['sweep'])})" if r.get("sweep") else "")
+                                        for r in summary]
     lines += ["", f"stages of {rec['run_id']} ({rec['status']}):", *_stage_rows(rec)]
     _out({"runs": summary, "run": rec}, as_json, "\n".join(lines))
 
@@ -374,6 +375,7 @@ def show(ctx, run_id, as_json):
              f"  duration {rec.get('duration') or 0:.2f}s  by {rec.get('user')}",
              f"  git      {(rec.get('git') or {}).get('commit') or 'none (the project is not a git repository)'}{' (dirty)' if (rec.get('git') or {}).get('dirty') else ''}",
              f"  options  {json.dumps(rec['options'])}", f"  data     {rec.get('data_digest')}"]
+    if rec.get("sweep"): lines.insert(1, f"  sweep    {_sweep_part(rec['sweep'])}")
     for n, s in rec["stages"].items():
         lines.append(f"  {n}: {s['status']}" + (f"  ({s['duration']:.2f}s)" if s.get("duration") is not None else ""))
         if s.get("key"): lines.append(f"      key       {s['key']}")
@@ -385,8 +387,15 @@ def show(ctx, run_id, as_json):
             lines.append("      metrics   " + ", ".join(f"{k}={_num(v)}" for k, v in s["metrics"].items()))
         nb = s.get("visible_notebook") or (Path(rec["project"]) / cfg.state_dir / "runs" / rec["run_id"] / "notebooks" / f"{n}.ipynb").relative_to(cfg.root)
         if (cfg.root / nb).exists(): lines.append(f"      notebook  {nb}")
+        for note in s.get("notes") or []: lines.append(f"      note      {note}")
         if s.get("error"): lines.append(f"      error     {s['error']}")
     _out(rec, as_json, "\n".join(lines))
+
+def _sweep_part(sweep: dict) -> str:
+    "Which part of a sweep a run was: a trial and its parameters, the stages before the trials, or the best trial's final stages."
+    t, params = sweep.get("trial"), ", ".join(f"{k}={v}" for k, v in (sweep.get("params") or {}).items())
+    what = {"before": "the stages before its trials", "final": f"the final stages, for the best trial ({params})"}.get(t, f"trial {t} ({params})")
+    return f"{what} of sweep {sweep.get('id')}"
 
 @main.command()
 @click.argument("stage_name", metavar="STAGE")

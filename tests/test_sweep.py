@@ -44,6 +44,11 @@ def test_a_sweep_runs_each_trial_and_registers_only_the_best(sweepable):
         assert statuses(r) == {"data": "cached", "train": "done", "evaluate": "done", "register": "not run"}, statuses(r)
     assert sum(s["stages"]["data"]["status"] == "done" for s in runs.values()) == 1, "the stages before the sweep ran once"
     assert statuses(rec["final"]) == {"data": "cached", "train": "cached", "evaluate": "cached", "register": "done"}
+    t1 = rec["trials"][0]  # `mlnb status` and `mlnb show` say which part of which sweep a run was
+    status = run_mlnb(sweepable, "status", check=0).stdout
+    assert f"{t1['run_id']}" in status and f"(trial 1 (train.p=1, q=a) of sweep {rec['id']})" in status, status
+    assert f"(the final stages, for the best trial (train.p=2, q=b) of sweep {rec['id']})" in status, status
+    assert f"  sweep    trial 1 (train.p=1, q=a) of sweep {rec['id']}" in run_mlnb(sweepable, "show", t1["run_id"], check=0).stdout
     spans = sorted((product(r, "train", "m")["t0"], product(r, "train", "m")["t1"]) for r in trial_runs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"with --jobs 2 some trials overlap: {spans}"
     # MLflow: the trials' pipeline runs are nested under the sweep's run, with their parameters and metrics

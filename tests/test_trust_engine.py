@@ -184,6 +184,7 @@ def test_a_corrupt_cached_product_is_not_reused(project):
     said = [l.split() for l in p.stderr.splitlines() if "!" in l]
     assert said == ["[1/2] ingest ! cached products changed on disk (train.parquet: digest mismatch); running it again".split()], p.stderr
     assert rec["stages"]["ingest"]["notes"] == ["cached products changed on disk (train.parquet: digest mismatch); running it again"]
+    assert "      note      cached products changed on disk (train.parquet: digest mismatch); running it again" in run_mlnb(project, "show", check=0).stdout
     assert Path(rec["stages"]["ingest"]["entry"]) == entry and (entry / "manifest.json").exists()
     aside = list(entry.parent.glob(f".refused-{entry.name}-*"))
     assert len(aside) == 1, "the corrupt entry is kept aside as evidence"
