@@ -13,9 +13,9 @@ from .errors import MlnbError
 # %% auto #0
 __all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync',
            'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'features', 'features_list',
-           'features_apply', 'features_materialize', 'features_get', 'build', 'serve', 'simulate', 'monitor', 'audit',
-           'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new', 'stack', 'stack_up', 'stack_down',
-           'stack_status']
+           'features_freshness', 'features_apply', 'features_materialize', 'features_get', 'build', 'serve', 'simulate',
+           'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new', 'stack', 'stack_up',
+           'stack_down', 'stack_status']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -557,6 +557,17 @@ def features_list(ctx, as_json):
             + (f"  (materialized until {v['materialized_until']})" if v["materialized_until"] else "") for v in views]
     _out(views, as_json, "\n".join(rows) or "no feature views")
 
+@features.command("freshness")
+@click.option("--max-age", type=click.FloatRange(0, min_open=True), metavar="SECONDS", help="Alert when a view's values are older (default: setting feature_max_age).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_freshness(ctx, max_age, as_json):
+    "Until when each feature view is materialized in the online store, and how long ago that is; exit 3 when one is too old."
+    from mlnb.features import freshness, freshness_lines
+    rows = freshness(_cfg(ctx), max_age)
+    _out(rows, as_json, "\n".join(freshness_lines(rows)) or "no feature views")
+    if any(r["stale"] for r in rows): sys.exit(DRIFT_EXIT)
+
 @features.command("apply")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -762,8 +773,17 @@ def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
         line = _retrain_line(cfg, res["retrain"])
         if as_json: console.print(line, highlight=False, soft_wrap=True, markup=False)
         else: click.echo(line)
+    stale = _stale_features(cfg, res, as_json)
     if as_json: _out(res, True, "")
-    if res["alert"]: sys.exit(DRIFT_EXIT)
+    if res["alert"] or stale: sys.exit(DRIFT_EXIT)
+
+def _stale_features(cfg, res: dict, as_json: bool) -> bool:
+    "A project with a feature store: its freshness joins the verdict (`res['features']`); whether a view is older than feature_max_age."
+    if not cfg.feature_definitions.is_file() or not (cfg.feature_store_dir / "registry.db").is_file(): return False
+    from mlnb.features import freshness, freshness_lines
+    res["features"] = rows = freshness(cfg)
+    if not as_json: click.echo("\n".join(freshness_lines(rows)))
+    return any(r["stale"] for r in rows)
 
 
 # %% ../nbs/20_cli.ipynb #0019

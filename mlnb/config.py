@@ -136,6 +136,7 @@ SETTINGS = {
     # the feature store (mlnb.features)
     "feature_definitions": _S(str, "", "the notebook of Feast definitions (entities, sources, feature views); default nbs/features.ipynb"),
     "feature_store": _S(str, "", "folder of the Feast registry and the SQLite online store (default: <state_dir>/features)"),
+    "feature_max_age": _S(float, "(0, inf)", "seconds the online store's newest feature values may be old before `mlnb monitor` and `mlnb features freshness` alert"),
 }
 
 # `MLNB_*` variables that are not settings

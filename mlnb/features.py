@@ -13,7 +13,7 @@ from .pipeline import notebook_digest
 
 # %% auto #0
 __all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions', 'ensure_applied', 'list_views',
-           'training_frame', 'materialize', 'online_features']
+           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines']
 
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
@@ -223,3 +223,28 @@ def online_features(cfg: Config,
         raise NotFound(f"the online store has no features for {', '.join(f'{k}={v}' for k, v in row.items())} "
                        "(an unknown entity, or values not materialized yet: mlnb features materialize)")
     return {**row, **values}
+
+# %% ../nbs/18_features.ipynb #d2817d13
+def freshness(cfg: Config,
+              max_age: float | None = None,  # seconds the newest materialized values may be old (default: setting feature_max_age; none: no alert)
+              now: datetime | None = None,
+             ) -> list:
+    "Per feature view: until when its values are materialized in the online store, how old that is, and whether that is too old (`stale`)."
+    if max_age is None and cfg.get("feature_max_age"): max_age = float(cfg.get("feature_max_age"))  # checked by the settings: above 0
+    now = _utc(now)
+    out = []
+    for v in open_store(cfg).list_feature_views():
+        ends = v.most_recent_end_time
+        age = (now - ends).total_seconds() if ends else None
+        out.append({"view": v.name, "materialized_until": ends.isoformat() if ends else None, "age_seconds": age, "max_age": max_age,
+                    "stale": max_age is not None and (age is None or age > max_age)})
+    return sorted(out, key=lambda r: r["view"])
+
+def freshness_lines(rows: list) -> list:
+    "`freshness` in words, a line per view."
+    def ago(s): return f"{s / 86400:.1f} days" if s >= 86400 else f"{s / 3600:.1f} hours" if s >= 3600 else f"{s:.0f} s"
+    return [f"feature view {r['view']}: " + ("never materialized" if r["materialized_until"] is None else
+            f"materialized until {r['materialized_until']} ({ago(r['age_seconds'])} ago)")
+            + (f"; STALE: older than feature_max_age = {r['max_age']:g} s (mlnb features materialize)" if r["stale"] else "")
+            for r in rows]
+

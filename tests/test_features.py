@@ -1,5 +1,6 @@
 "The feature store through the real CLI and the real pipeline: Feast definitions from a notebook, online lookups, cache keys."
-import json
+import json, time
+from datetime import datetime, timezone
 import pandas as pd
 import pytest
 from conftest import add_stage, run_json, run_mlnb, statuses
@@ -38,13 +39,20 @@ def test_cli_apply_materialize_get(store_project):
     views = run_json(p, "features", "list")  # applies the definitions first
     assert [(v["name"], v["entities"], v["features"], v["materialized_until"]) for v in views] == [("account_stats", ["account_id"], ["n_tx_24h", "usual_amount"], None)]
     assert (p / ".mlnb/features/registry.db").is_file()
-    # before materialization the online store knows nobody
+    # before materialization the online store knows nobody; with feature_max_age set, a view never materialized is stale
     assert "no features for account_id=1" in error_line(run_mlnb(p, "features", "get", "account_id=1", check=1))
+    stale = run_mlnb(p, "features", "freshness", env={"MLNB_FEATURE_MAX_AGE": "3600"}, check=3).stdout
+    assert "feature view account_stats: never materialized; STALE: older than feature_max_age = 3600 s" in stale, stale
     # up to Jan 7: account 1's newest value is the one of Jan 1, not Jan 10's
     out = run_json(p, "features", "materialize", "--end", "2026-01-07")  # more than a ttl ago: the first load still starts at the beginning
     assert out["views"] == ["account_stats"] and out["end"].startswith("2026-01-07")
     assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 3, "usual_amount": 10.0}
     assert run_json(p, "features", "materialize", "--end", "2026-01-05")["up_to_date"] == ["account_stats"]
+    # freshness: until Jan 7, so older than an hour (exit 3, as a drift alert) but not than a thousand years
+    [row] = json.loads(run_mlnb(p, "features", "freshness", "--max-age", "3600", "--json", check=3).stdout)
+    assert row["view"] == "account_stats" and row["materialized_until"].startswith("2026-01-07") and row["stale"]
+    assert abs(row["age_seconds"] - (time.time() - datetime(2026, 1, 7, tzinfo=timezone.utc).timestamp())) < 600, row
+    assert "(STALE" not in run_mlnb(p, "features", "freshness", "--max-age", "3e10", check=0).stdout
     run_json(p, "features", "materialize", "--end", "2026-02-01")
     assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
     assert run_json(p, "features", "get", "account_id=2", "--feature", "account_stats:n_tx_24h") == {"account_id": 2, "n_tx_24h": 7}
