@@ -13,9 +13,9 @@ from .errors import MlnbError
 # %% auto #0
 __all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync',
            'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'features', 'features_list',
-           'features_freshness', 'features_apply', 'features_materialize', 'features_get', 'build', 'serve', 'simulate',
-           'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new', 'stack', 'stack_up',
-           'stack_down', 'stack_status']
+           'features_freshness', 'features_skew', 'features_apply', 'features_materialize', 'features_get', 'build',
+           'serve', 'simulate', 'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new',
+           'stack', 'stack_up', 'stack_down', 'stack_status']
 
 # %% ../nbs/20_cli.ipynb #0005
 class _Group(click.Group):
@@ -567,6 +567,24 @@ def features_freshness(ctx, max_age, as_json):
     rows = freshness(_cfg(ctx), max_age)
     _out(rows, as_json, "\n".join(freshness_lines(rows)) or "no feature views")
     if any(r["stale"] for r in rows): sys.exit(DRIFT_EXIT)
+
+@features.command("skew")
+@click.option("--sample", type=click.IntRange(1), default=100, show_default=True, help="Entities drawn from each view's source.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def features_skew(ctx, sample, as_json):
+    "Online values (what a service looks up) against offline ones (what training gets) for sampled entities; exit 3 on a difference."
+    from mlnb.features import skew
+    rows = skew(_cfg(ctx), sample)
+    def line(r):
+        if r.get("note"): return f"feature view {r['view']}: not checked ({r['note']})"
+        if not r["mismatches"]: return f"feature view {r['view']}: online = offline for {r['sampled']} sampled entities (at {r['at']})"
+        m = r["mismatches"][0]
+        first = ", ".join(f"{k}={v}" for k, v in m.items() if k not in ("feature", "offline", "online"))
+        return (f"feature view {r['view']}: SKEW: {len(r['mismatches'])} value(s) differ among {r['sampled']} sampled entities; "
+                f"first: {first} {m['feature']} online {m['online']!r}, offline {m['offline']!r}")
+    _out(rows, as_json, "\n".join(map(line, rows)) or "no feature views")
+    if any(r["mismatches"] for r in rows): sys.exit(DRIFT_EXIT)
 
 @features.command("apply")
 @click.option("--json", "as_json", is_flag=True)

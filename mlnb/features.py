@@ -13,7 +13,7 @@ from .pipeline import notebook_digest
 
 # %% auto #0
 __all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions', 'ensure_applied', 'list_views',
-           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines']
+           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines', 'skew']
 
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
@@ -247,4 +247,45 @@ def freshness_lines(rows: list) -> list:
             f"materialized until {r['materialized_until']} ({ago(r['age_seconds'])} ago)")
             + (f"; STALE: older than feature_max_age = {r['max_age']:g} s (mlnb features materialize)" if r["stale"] else "")
             for r in rows]
+
+
+# %% ../nbs/18_features.ipynb #23c7eec1
+def skew(cfg: Config,
+         sample: int = 100,     # entities drawn from each view's source
+         seed: int = 0,
+        ) -> list:
+    """Training-serving skew, measured: for a sample of each materialized view's entities, the values the online store serves
+    (what a service looks up) against those the offline store gives for the same entity at the time the view is materialized
+    until (what `training_frame` would give a training row of that time). Per view: sampled, mismatches (entity, feature, both values)."""
+    import pandas as pd
+    store = open_store(cfg)
+    out = []
+    for v in sorted(store.list_feature_views(), key=lambda v: v.name):
+        ends = v.most_recent_end_time
+        if ends is None: out.append({"view": v.name, "sampled": 0, "mismatches": [], "note": "never materialized"}); continue
+        path = getattr(v.batch_source, "path", None)
+        if not path: out.append({"view": v.name, "sampled": 0, "mismatches": [], "note": "source is not a file"}); continue
+        keys = list(v.join_keys)
+        src = pd.read_parquet(cfg.root / path, columns=keys).drop_duplicates()
+        rows = src.sample(min(sample, len(src)), random_state=seed)
+        names = [f.name for f in v.features]
+        refs = [f"{v.name}:{n}" for n in names]
+        # the offline store's join is inclusive of its event time, materialization is not of its end: ask for the instant before
+        at = pd.Timestamp(ends) - pd.Timedelta(microseconds=1)
+        entity_df = rows.assign(event_timestamp=at, _mlnb_row=range(len(rows)))
+        try:
+            offline = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+            online = pd.DataFrame(store.get_online_features(features=refs, entity_rows=rows.to_dict("records")).to_dict())
+        except Exception as e: raise ConfigError(f"the skew check of {v.name} failed: {type(e).__name__}: {e}") from e
+        offline = entity_df[["_mlnb_row", *keys]].merge(offline[["_mlnb_row", *names]], on="_mlnb_row", how="left").sort_values("_mlnb_row")
+        bad = []
+        for (i, off), (_, on) in zip(offline.reset_index(drop=True).iterrows(), online.reset_index(drop=True).iterrows()):
+            for n in names:
+                a, b = off[n], on[n]
+                same = (pd.isna(a) and pd.isna(b)) if (pd.isna(a) or pd.isna(b)) else a == b
+                if not same: bad.append({**{k: off[k].item() if hasattr(off[k], "item") else off[k] for k in keys}, "feature": n,
+                                         "offline": None if pd.isna(a) else a.item() if hasattr(a, "item") else a,
+                                         "online": None if pd.isna(b) else b.item() if hasattr(b, "item") else b})
+        out.append({"view": v.name, "sampled": len(rows), "at": ends.isoformat(), "mismatches": bad})
+    return out
 

@@ -56,6 +56,12 @@ def test_cli_apply_materialize_get(store_project):
     run_json(p, "features", "materialize", "--end", "2026-02-01")
     assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
     assert run_json(p, "features", "get", "account_id=2", "--feature", "account_stats:n_tx_24h") == {"account_id": 2, "n_tx_24h": 7}
+    # skew: what the online store serves equals what training would get at that time; until the source changes under it
+    assert "online = offline for 2 sampled entities" in run_mlnb(p, "features", "skew", check=0).stdout
+    pd.DataFrame({"account_id": [1, 1, 2], "ts": pd.to_datetime(["2026-01-01", "2026-01-10", "2026-01-05"], utc=True),
+                  "n_tx_24h": [3, 98, 7], "usual_amount": [10.0, 50.0, 20.0]}).to_parquet(p / "data/account_stats.parquet")  # a late correction
+    [r] = json.loads(run_mlnb(p, "features", "skew", "--json", check=3).stdout)
+    assert r["sampled"] == 2 and r["mismatches"] == [{"account_id": 1, "feature": "n_tx_24h", "offline": 98, "online": 99}], r
     # unknown entity, key, view, feature, time: one line naming it and what exists
     assert "no features for account_id=5" in error_line(run_mlnb(p, "features", "get", "account_id=5", check=1))
     assert "no entity key 'acount_id'; entity keys: account_id" in error_line(run_mlnb(p, "features", "get", "acount_id=1", check=1))
