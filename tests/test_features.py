@@ -28,6 +28,20 @@ def store_project(project):
     return project
 
 
+def cli(project, *args, check=None, env=None):
+    "`mlnb --project PROJECT ARGS` through the real CLI in this process (click's runner): exit code, stdout and stderr as a process has them."
+    from types import SimpleNamespace
+    from click.testing import CliRunner
+    from mlnb.cli import main
+    r = CliRunner().invoke(main, ["--project", str(project), *args], env=env, catch_exceptions=False)
+    if check is not None: assert r.exit_code == check, f"exit {r.exit_code} (wanted {check})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+
+def cli_json(project, *args, **kw):
+    return json.loads(cli(project, *args, "--json", check=0, **kw).stdout)
+
+
 def error_line(p):
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert lines and lines[-1].startswith("mlnb: error: ") and "Traceback" not in p.stderr, p.stderr
@@ -35,42 +49,43 @@ def error_line(p):
 
 
 def test_cli_apply_materialize_get(store_project):
+    "The real CLI in this process (feast, 4 s to import, is imported once: the commands' own cost is what is left)."
     p = store_project
-    views = run_json(p, "features", "list")  # applies the definitions first
+    views = cli_json(p, "features", "list")  # applies the definitions first
     assert [(v["name"], v["entities"], v["features"], v["materialized_until"]) for v in views] == [("account_stats", ["account_id"], ["n_tx_24h", "usual_amount"], None)]
     assert (p / ".mlnb/features/registry.db").is_file()
     # before materialization the online store knows nobody; with feature_max_age set, a view never materialized is stale
-    assert "no features for account_id=1" in error_line(run_mlnb(p, "features", "get", "account_id=1", check=1))
-    stale = run_mlnb(p, "features", "freshness", env={"MLNB_FEATURE_MAX_AGE": "3600"}, check=3).stdout
+    assert "no features for account_id=1" in error_line(cli(p, "features", "get", "account_id=1", check=1))
+    stale = cli(p, "features", "freshness", env={"MLNB_FEATURE_MAX_AGE": "3600"}, check=3).stdout
     assert "feature view account_stats: never materialized; STALE: older than feature_max_age = 3600 s" in stale, stale
     # up to Jan 7: account 1's newest value is the one of Jan 1, not Jan 10's
-    out = run_json(p, "features", "materialize", "--end", "2026-01-07")  # more than a ttl ago: the first load still starts at the beginning
+    out = cli_json(p, "features", "materialize", "--end", "2026-01-07")  # more than a ttl ago: the first load still starts at the beginning
     assert out["views"] == ["account_stats"] and out["end"].startswith("2026-01-07")
-    assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 3, "usual_amount": 10.0}
-    assert run_json(p, "features", "materialize", "--end", "2026-01-05")["up_to_date"] == ["account_stats"]
+    assert cli_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 3, "usual_amount": 10.0}
+    assert cli_json(p, "features", "materialize", "--end", "2026-01-05")["up_to_date"] == ["account_stats"]
     # freshness: until Jan 7, so older than an hour (exit 3, as a drift alert) but not than a thousand years
-    [row] = json.loads(run_mlnb(p, "features", "freshness", "--max-age", "3600", "--json", check=3).stdout)
+    [row] = json.loads(cli(p, "features", "freshness", "--max-age", "3600", "--json", check=3).stdout)
     assert row["view"] == "account_stats" and row["materialized_until"].startswith("2026-01-07") and row["stale"]
     assert abs(row["age_seconds"] - (time.time() - datetime(2026, 1, 7, tzinfo=timezone.utc).timestamp())) < 600, row
-    assert "(STALE" not in run_mlnb(p, "features", "freshness", "--max-age", "3e10", check=0).stdout
-    run_json(p, "features", "materialize", "--end", "2026-02-01")
-    assert run_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
-    assert run_json(p, "features", "get", "account_id=2", "--feature", "account_stats:n_tx_24h") == {"account_id": 2, "n_tx_24h": 7}
+    assert "(STALE" not in cli(p, "features", "freshness", "--max-age", "3e10", check=0).stdout
+    cli_json(p, "features", "materialize", "--end", "2026-02-01")
+    assert cli_json(p, "features", "get", "account_id=1") == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
+    assert cli_json(p, "features", "get", "account_id=2", "--feature", "account_stats:n_tx_24h") == {"account_id": 2, "n_tx_24h": 7}
     # skew: what the online store serves equals what training would get at that time; until the source changes under it
-    assert "online = offline for 2 sampled entities" in run_mlnb(p, "features", "skew", check=0).stdout
+    assert "online = offline for 2 sampled entities" in cli(p, "features", "skew", check=0).stdout
     pd.DataFrame({"account_id": [1, 1, 2], "ts": pd.to_datetime(["2026-01-01", "2026-01-10", "2026-01-05"], utc=True),
                   "n_tx_24h": [3, 98, 7], "usual_amount": [10.0, 50.0, 20.0]}).to_parquet(p / "data/account_stats.parquet")  # a late correction
-    [r] = json.loads(run_mlnb(p, "features", "skew", "--json", check=3).stdout)
+    [r] = json.loads(cli(p, "features", "skew", "--json", check=3).stdout)
     assert r["sampled"] == 2 and r["mismatches"] == [{"account_id": 1, "feature": "n_tx_24h", "offline": 98, "online": 99}], r
     # unknown entity, key, view, feature, time: one line naming it and what exists
-    assert "no features for account_id=5" in error_line(run_mlnb(p, "features", "get", "account_id=5", check=1))
-    assert "no entity key 'acount_id'; entity keys: account_id" in error_line(run_mlnb(p, "features", "get", "acount_id=1", check=1))
-    assert "no feature view 'x'; feature views: account_stats" in error_line(run_mlnb(p, "features", "materialize", "--view", "x", check=1))
-    assert "is not a time; accepted: ISO 8601" in error_line(run_mlnb(p, "features", "materialize", "--end", "yesterday", check=1))
-    assert "expected KEY=VALUE" in run_mlnb(p, "features", "get", "account_id", check=2).stderr
+    assert "no features for account_id=5" in error_line(cli(p, "features", "get", "account_id=5", check=1))
+    assert "no entity key 'acount_id'; entity keys: account_id" in error_line(cli(p, "features", "get", "acount_id=1", check=1))
+    assert "no feature view 'x'; feature views: account_stats" in error_line(cli(p, "features", "materialize", "--view", "x", check=1))
+    assert "is not a time; accepted: ISO 8601" in error_line(cli(p, "features", "materialize", "--end", "yesterday", check=1))
+    assert "expected KEY=VALUE" in cli(p, "features", "get", "account_id", check=2).stderr
     # a renamed view replaces the old one in the store
     write_definitions(p, VIEW.replace('name="account_stats"', 'name="account_profile"'))
-    out = run_json(p, "features", "apply")
+    out = cli_json(p, "features", "apply")
     assert out["feature_views"] == ["account_profile"] and out["removed"] == ["account_stats"]
 
 
