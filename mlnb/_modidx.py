@@ -432,6 +432,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlnb.serving._service': ('serving.html#_service', 'mlnb/serving.py'),
                               'mlnb.serving._settings': ('serving.html#_settings', 'mlnb/serving.py'),
                               'mlnb.serving._stop_server': ('serving.html#_stop_server', 'mlnb/serving.py'),
+                              'mlnb.serving._store_note': ('serving.html#_store_note', 'mlnb/serving.py'),
                               'mlnb.serving._too_deep': ('serving.html#_too_deep', 'mlnb/serving.py'),
                               'mlnb.serving._traced_by_config': ('serving.html#_traced_by_config', 'mlnb/serving.py'),
                               'mlnb.serving._typed': ('serving.html#_typed', 'mlnb/serving.py'),

@@ -455,6 +455,14 @@ _IDS = {"request_id": {"type": "string", "description": "the service's id of thi
         "model_version": {"type": "integer", "description": "the registry version that answered (also in the `x-model-version` header)", "examples": [1]},
         "variant": {"type": "string", "enum": ["champion", "challenger"], "description": "`champion`, or `challenger` for canary traffic"}}
 
+def _store_note(feats: dict | None) -> str:
+    "What the docs say of a service that looks features up in a feature store."
+    if not feats: return ""
+    looked_up = [f for v in feats["views"] for f in v["features"]]
+    return (f" A record may send {', '.join(f'`{k}`' for k in feats['entity_keys'])} instead of {', '.join(f'`{f}`' for f in looked_up)}: "
+            f"the service looks them up in the feature store (views {', '.join(v['name'] for v in feats['views'])}); "
+            "an entity the store does not know gets a 422 naming it.")
+
 def _json_body(schema: dict, description: str, example=None) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema, **({"example": example} if example is not None else {})}}}
 
@@ -521,7 +529,7 @@ def openapi_doc(settings: dict,                   # the service's settings (serv
         f"**The answer**: {what}; with `model_version`, `variant` and `request_id`.",
         f"**The request**: `POST /predict` with one record (a JSON object) or a list of up to {max_batch} records, each with the "
         f"{len(checker.fields)} fields of the data contract; open it below and press *Execute* to send the example. A record the contract "
-        "refuses gets a 422 that names the field, the value and what is accepted.",
+        "refuses gets a 422 that names the field, the value and what is accepted." + _store_note(settings.get("features")),
         "**More**: [`/metadata`](./metadata) (the version answering, its pipeline run, data digest and training time; the limits; "
         "whether the registry's champion could be loaded)" + (" · [`/card`](./card) (the model card)" if card else "")
         + " · [`/metrics`](./metrics) (Prometheus: answers, refusals and scores by version)"])
