@@ -767,6 +767,10 @@ def create_app(settings: dict, model=None, version: int | None = None,
             try: records = await asyncio.get_running_loop().run_in_executor(None, lookup, records)
             except NotFound as e: raise BadRequest(422, str(e), [("request", "unknown_entity")]) from None
             except ConfigError as e: raise BadRequest(422, str(e), [("request", "type")]) from None
+            except MlnbError as e:  # the store cannot be read: the server's trouble, said as such, and the records that carry every feature still work
+                _log.warning("mlnb: %s", _cut(str(e), 300))
+                raise BadRequest(503, f"the feature store cannot be read now ({_cut(str(e), 200)}); retry, or send every feature of the record",
+                                 [("request", "other")]) from None
         if keys: records = [{k: v for k, v in r.items() if k not in keys} if isinstance(r, dict) else r for r in records]
         return records, single
 
