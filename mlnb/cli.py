@@ -632,7 +632,8 @@ def build(ctx, ref, as_json):
     cfg = _cfg(ctx)
     t0 = time.time()
     with _working(f"building a bento for {ref or 'the champion'} of {cfg.model_name} (checking the model, packaging, writing)"):
-        out = build_bento(cfg, ref)
+        from mlnb.features import serving_spec  # a project with feature definitions: the service looks up what the store holds
+        out = build_bento(cfg, ref, features=serving_spec)
     click.echo(f"built in {time.time() - t0:.1f}s", err=True)
     home = os.path.relpath(bento_home(cfg), Path.cwd())  # bentos live in the project, not in ~/bentoml
     _out({k: v for k, v in out.items() if k != "settings"} | {"lineage": out["settings"]["lineage"]}, as_json,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_features.ipynb #8f3b007a
 from __future__ import annotations
-import contextlib, json, re, sys
+import contextlib, json, re, shutil, sys
 from datetime import datetime, timezone
 from pathlib import Path
 from .config import Config, load_config
@@ -13,7 +13,8 @@ from .pipeline import notebook_digest
 
 # %% auto #0
 __all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions', 'ensure_applied', 'list_views',
-           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines', 'skew']
+           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines', 'skew', 'serving_spec',
+           'OnlineLookup', 'serving_lookup']
 
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
@@ -289,3 +290,91 @@ def skew(cfg: Config,
         out.append({"view": v.name, "sampled": len(rows), "at": ends.isoformat(), "mismatches": bad})
     return out
 
+
+# %% ../nbs/18_features.ipynb #5e7a0c22
+def _view_version(view) -> str:
+    "A short digest of a feature view's definition: its version, as the service's `/metadata` names it."
+    import hashlib
+    return hashlib.sha256(view.to_proto().spec.SerializeToString(deterministic=True)).hexdigest()[:12]
+
+def serving_spec(cfg: Config,
+                 fields: dict,   # the model's contract: {field: spec}
+                 folder: Path,   # the bento's build folder: the registry is copied there
+                ) -> dict | None:
+    "What a service needs to look up the contract's fields that feature views hold; None without feature definitions or when no view holds one."
+    if not cfg.feature_definitions.is_file(): return None
+    store = ensure_applied(cfg)
+    views = []
+    for v in sorted(store.list_feature_views(), key=lambda v: v.name):
+        feats = [f.name for f in v.features if f.name in fields]
+        if feats: views.append({"name": v.name, "version": _view_version(v), "join_keys": list(v.join_keys), "features": feats,
+                                "key_types": {c.name: str(c.dtype) for c in v.entity_columns}})
+    if not views: return None
+    policy = cfg.extra.get("unknown_entity") or "refuse"
+    if policy not in ("refuse", "missing"):
+        raise ConfigError(f"unknown_entity = {policy!r} is not accepted; expected refuse (a 422 naming the entity) or missing (its features stay missing)")
+    keys = sorted({k for v in views for k in v["join_keys"]})
+    looked_up = {f for v in views for f in v["features"]}
+    shutil.copy(cfg.feature_store_dir / "registry.db", Path(folder) / "feature_registry.db")
+    return {"views": views, "entity_keys": keys, "request_fields": [f for f in fields if f not in looked_up and f not in keys],
+            "digest": _applied(cfg).get("digest"), "unknown_entity": policy, "project": _project_name(cfg),
+            "registry": "feature_registry.db", "online_store": str((cfg.feature_store_dir / "online.db").resolve()), "files": ["feature_registry.db"]}
+
+class OnlineLookup:
+    "`lookup(records)`: the records, each that lacks a feature of the views filled in from the online store, in one read per call."
+    def __init__(self, spec: dict, folder: Path | str):  # `spec`: `serving_spec`'s; `folder`: where its registry copy is
+        self.spec, self.folder = spec, Path(folder)
+        self.store_ = None
+
+    def open(self):
+        from feast import FeatureStore, RepoConfig
+        s = self.spec
+        rc = RepoConfig(project=s["project"], provider="local", registry=str(self.folder / s["registry"]),
+                        online_store={"type": "sqlite", "path": s["online_store"]}, offline_store={"type": "file"},
+                        repo_path=self.folder, entity_key_serialization_version=3)
+        self.store_ = FeatureStore(config=rc)
+        self.refs_ = [f"{v['name']}:{f}" for v in s["views"] for f in v["features"]]
+        self.features_ = [f for v in s["views"] for f in v["features"]]
+        self.key_types_ = {k: t for v in s["views"] for k, t in v.get("key_types", {}).items()}
+        return self
+
+    def _key(self, where: str, name: str, value):
+        t = self.key_types_.get(name, "")
+        ok = isinstance(value, int) and not isinstance(value, bool) if "Int" in t else isinstance(value, str) if "String" in t else value is not None
+        if not ok: raise ConfigError(f"{where}field '{name}' = {json.dumps(value)[:40]} is not accepted; expected {'an integer' if 'Int' in t else 'a string'} (the entity key)")
+        return value
+
+    def __call__(self, records: list) -> list:
+        if self.store_ is None: self.open()
+        need = [i for i, r in enumerate(records) if isinstance(r, dict) and any(f not in r for f in self.features_)]
+        if not need: return records
+        keys, many = self.spec["entity_keys"], len(records) > 1
+        rows = []
+        for i in need:
+            where = f"record {i}: " if many else ""
+            missing = [k for k in keys if k not in records[i]]
+            if missing:
+                lacks = [f for f in self.features_ if f not in records[i]]
+                raise ConfigError(f"{where}field '{missing[0]}' is missing: it is the entity key the features {', '.join(lacks)} are looked up by; "
+                                  "send it, or every feature")
+            rows.append({k: self._key(where, k, records[i][k]) for k in keys})
+        try: got = self.store_.get_online_features(features=self.refs_, entity_rows=rows).to_dict()
+        except MlnbError: raise
+        except Exception as e: raise MlnbError(f"online lookup of {len(rows)} records failed: {type(e).__name__}: {e}") from e
+        out, unknown = list(records), []
+        for j, i in enumerate(need):
+            r = dict(records[i])
+            for v in self.spec["views"]:
+                values = {f: got[f][j] for f in v["features"]}
+                if all(x is None for x in values.values()) and self.spec.get("unknown_entity") != "missing":
+                    unknown.append(("record %d: " % i if many else "") + ", ".join(f"{k}={json.dumps(rows[j][k])}" for k in v["join_keys"]))
+                for f, x in values.items(): r.setdefault(f, x)  # what the record carries itself wins
+            out[i] = r
+        if unknown:
+            raise NotFound(f"the online store has no features for {'; '.join(unknown[:10])}{'; and more' if len(unknown) > 10 else ''} "
+                           "(an unknown entity, or values not materialized yet); send every feature of the record instead")
+        return out
+
+def serving_lookup(settings: dict) -> OnlineLookup:
+    "The lookup of a bento's service, from its settings (`serving.json`: the `features` that `serving_spec` wrote, the bento's folder)."
+    return OnlineLookup(settings["features"], settings.get("_dir") or ".")

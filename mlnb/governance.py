@@ -98,6 +98,8 @@ def lineage_text(ln: dict) -> str:
         p = ln["prediction"]
         lines.append(f"prediction {p['request_id']}  at {_when(p['ts'])}  {'score ' + format(p['score'], '.4f') if p.get('score') is not None else 'prediction ' + str(p.get('prediction'))}  ({p.get('variant')}, {p['log_file']})")
     if ln.get("bento"): lines.append(f"bento {ln['bento']['tag']}")
+    if (ln.get("bento") or {}).get("feature_views"):
+        lines.append(f"  features from {', '.join(ln['bento']['feature_views'])}  definitions {(ln['bento'].get('feature_digest') or '')[:16]}")
     lines.append(f"model {m['name']} v{m['version']}  {','.join(m['aliases']) or '(no alias)'}  gates {m['gates_passed']}  "
                  + "  ".join(f"{k}={v:.4f}" for k, v in m["metrics"].items()))
     lines.append(f"  MLflow run {m['mlflow_run_id']}  {m['model_uri']}  sha256 {(m['model_sha256'] or '')[:16]}")

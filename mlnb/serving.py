@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['MAX_DEPTH', 'QUOTE_CHARS', 'MAX_ERROR_CHARS', 'REFUSAL_REASONS', 'PROBABILITY_BUCKETS', 'SCORE_DOC', 'SETTINGS_FILE',
-           'UNTRACED', 'contract_fields', 'RequestChecker', 'BadRequest', 'PredictionLog', 'read_prediction_log',
-           'iso_time', 'Models', 'contract_example', 'score_buckets', 'ServiceMetrics', 'request_limit', 'openapi_doc',
-           'swagger_assets', 'docs_page', 'Batcher', 'create_app', 'bento_home', 'build_bento', 'serve_command',
-           'check_port', 'bento_settings', 'latest_bento']
+           'UNTRACED', 'ENTRY_FILE', 'contract_fields', 'RequestChecker', 'BadRequest', 'PredictionLog',
+           'read_prediction_log', 'iso_time', 'Models', 'contract_example', 'score_buckets', 'ServiceMetrics',
+           'request_limit', 'openapi_doc', 'swagger_assets', 'docs_page', 'Batcher', 'create_app', 'bento_home',
+           'build_bento', 'serve_command', 'check_port', 'bento_settings', 'latest_bento']
 
 # %% ../nbs/09_serving.ipynb #0002
 import json, logging, math, os, random, re, shutil, threading, time, uuid, queue
@@ -123,7 +123,10 @@ class RequestChecker:
 
     def check(self, body: bytes) -> tuple:
         "Records from a request body (one JSON object, or a list of them); raises `BadRequest`."
-        from pydantic import ValidationError as PydanticError
+        return self.check_records(*self.parse(body))
+
+    def parse(self, body: bytes) -> tuple:
+        "`(records, single)`: the request's records as sent, not yet checked field by field; raises `BadRequest`."
         how = "send one record as a JSON object or a list of them"
         if not body.strip(): raise BadRequest(400, f"the request body is empty; {how}")
         if _too_deep(body): raise BadRequest(400, f"the request body nests more than {MAX_DEPTH} levels deep; {how}, of plain values")
@@ -142,6 +145,12 @@ class RequestChecker:
         if not records: raise BadRequest(422, "the list of records is empty; send 1 to %d records" % self.max_batch, shape)
         if len(records) > self.max_batch:
             raise BadRequest(413, f"{len(records)} records is over the batch limit of {self.max_batch}; split the request")
+        return records, single
+
+    def check_records(self, records: list, single: bool) -> tuple:
+        "`(records, single)` with each record checked against the contract (from `parse`, and filled in from a feature store); raises `BadRequest`."
+        from pydantic import ValidationError as PydanticError
+        shape = [("request", "shape")]
         out, problems, kinds = [], [], []
         for i, r in enumerate(records):
             if not isinstance(r, dict):
@@ -171,7 +180,7 @@ class RequestChecker:
 
 # why a request was refused, as `/metrics` counts it: per field of a record, or for the `request` as a whole
 REFUSAL_REASONS = ("missing", "unknown_field", "null", "type", "range", "category",  # a field of a record
-                   "shape", "malformed", "too_big", "content_type", "header", "model", "other")  # the request
+                   "shape", "malformed", "too_big", "content_type", "header", "model", "unknown_entity", "other")  # the request
 _STATUS_REASON = {400: "malformed", 413: "too_big", 415: "content_type"}
 
 class BadRequest(MlnbError, ValueError):
@@ -446,6 +455,14 @@ _IDS = {"request_id": {"type": "string", "description": "the service's id of thi
         "model_version": {"type": "integer", "description": "the registry version that answered (also in the `x-model-version` header)", "examples": [1]},
         "variant": {"type": "string", "enum": ["champion", "challenger"], "description": "`champion`, or `challenger` for canary traffic"}}
 
+def _store_note(feats: dict | None) -> str:
+    "What the docs say of a service that looks features up in a feature store."
+    if not feats: return ""
+    looked_up = [f for v in feats["views"] for f in v["features"]]
+    return (f" A record may send {', '.join(f'`{k}`' for k in feats['entity_keys'])} instead of {', '.join(f'`{f}`' for f in looked_up)}: "
+            f"the service looks them up in the feature store (views {', '.join(v['name'] for v in feats['views'])}); "
+            "an entity the store does not know gets a 422 naming it.")
+
 def _json_body(schema: dict, description: str, example=None) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema, **({"example": example} if example is not None else {})}}}
 
@@ -512,7 +529,7 @@ def openapi_doc(settings: dict,                   # the service's settings (serv
         f"**The answer**: {what}; with `model_version`, `variant` and `request_id`.",
         f"**The request**: `POST /predict` with one record (a JSON object) or a list of up to {max_batch} records, each with the "
         f"{len(checker.fields)} fields of the data contract; open it below and press *Execute* to send the example. A record the contract "
-        "refuses gets a 422 that names the field, the value and what is accepted.",
+        "refuses gets a 422 that names the field, the value and what is accepted." + _store_note(settings.get("features")),
         "**More**: [`/metadata`](./metadata) (the version answering, its pipeline run, data digest and training time; the limits; "
         "whether the registry's champion could be loaded)" + (" · [`/card`](./card) (the model card)" if card else "")
         + " · [`/metrics`](./metrics) (Prometheus: answers, refusals and scores by version)"])
@@ -684,7 +701,8 @@ def _json(body: dict, status: int = 200, headers: dict | None = None):
     from starlette.responses import Response
     return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
-def create_app(settings: dict, model=None, version: int | None = None):
+def create_app(settings: dict, model=None, version: int | None = None,
+               lookup=None):  # `lookup(records) -> records`: fills in, from a feature store, the features a record lacks (settings' `features`)
     "The FastAPI app of the service (mounted on the BentoML service); `app.state.start()` loads the bento's model, unless `model` is given, and follows the registry."
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from fastapi import FastAPI, Request
@@ -700,6 +718,9 @@ def create_app(settings: dict, model=None, version: int | None = None):
     example = contract_example(checker, settings.get("example"))
     card = Path(settings.get("_dir") or ".") / "model_card.html"
     app.state.models, app.state.log, app.state.metrics = models, log, None
+    feats = settings.get("features") or {}
+    served = [f for v in feats.get("views", []) for f in v["features"]] if lookup is not None else []  # what the store fills in
+    keys = [k for k in feats.get("entity_keys", []) if k not in settings["fields"]]  # entity keys that are not inputs of the model
 
     def start():
         "Load the model and follow the registry: in the server's worker, never in the process that only imports the service."
@@ -708,6 +729,7 @@ def create_app(settings: dict, model=None, version: int | None = None):
         if models.champion is None: models.champion = _bento_model(settings)
         app.state.metrics = ServiceMetrics(settings, task.kind)  # here: prometheus_client in a worker, where BentoML set up its multiprocess files
         log.start()
+        if served: lookup([])  # opens the feature store now, not at the first request that needs it
         if settings.get("tracking_uri") and float(settings.get("reload_interval") or 0) > 0:
             models.follow(float(settings["reload_interval"]))
     app.state.start = start
@@ -738,13 +760,28 @@ def create_app(settings: dict, model=None, version: int | None = None):
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def assemble(records: list, single: bool) -> tuple:
+        "The records with the features they lack looked up in the store (one lookup per request), their entity keys dropped."
+        if served and any(isinstance(r, dict) and any(f not in r for f in served) for r in records):
+            import asyncio
+            try: records = await asyncio.get_running_loop().run_in_executor(None, lookup, records)
+            except NotFound as e: raise BadRequest(422, str(e), [("request", "unknown_entity")]) from None
+            except ConfigError as e: raise BadRequest(422, str(e), [("request", "type")]) from None
+            except MlnbError as e:  # the store cannot be read: the server's trouble, said as such, and the records that carry every feature still work
+                _log.warning("mlnb: %s", _cut(str(e), 300))
+                raise BadRequest(503, f"the feature store cannot be read now ({_cut(str(e), 200)}); retry, or send every feature of the record",
+                                 [("request", "other")]) from None
+        if keys: records = [{k: v for k, v in r.items() if k not in keys} if isinstance(r, dict) else r for r in records]
+        return records, single
+
     async def score(request: Request):
         cid = request.headers.get("x-request-id")
         if cid is not None and not _CLIENT_ID.fullmatch(cid):
             raise BadRequest(400, f"header x-request-id = {_quote(cid)} is not accepted; send 1 to 128 visible ASCII characters "
                                   "(it is logged as client_request_id; the service's own request id comes back in x-request-id)",
                              [("request", "header")])
-        records, single = checker.check(await body_of(request))
+        body = await body_of(request)
+        records, single = checker.check_records(*await assemble(*checker.parse(body))) if served or keys else checker.check(body)
         variant, version, mdl = models.pick()
         try: preds = await batcher.predict(mdl, records)
         except ValueError as e:  # the contract let through what the model cannot take: still the request's fault, not the server's
@@ -799,6 +836,7 @@ def create_app(settings: dict, model=None, version: int | None = None):
                 "degraded": models.degraded, "problems": models.problems, "registry_error": models.registry_error,
                 "switches": models.switches, "batching": {"batches": batcher.batches, "rows": batcher.rows}, "fields": settings["fields"],
                 "limits": {"max_batch": max_batch, "max_request_bytes": limit},
+                "features": {k: feats.get(k) for k in ("views", "digest", "entity_keys", "request_fields", "unknown_entity")} if feats else None,
                 "task": settings["task"], "example": example, "docs": "/", "model_card": "/card" if card.exists() else None,
                 "lineage": "every response carries x-request-id (the server's id) and x-model-version; `mlnb lineage REQUEST_ID` (or VERSION) "
                            "follows them to the pipeline run, its executed notebooks, the data digest and the git commit"}
@@ -828,11 +866,11 @@ def _traced_by_config() -> bool:
 
 UNTRACED = ["/predict(/batch)?$"]  # the answering routes, left out of BentoML's tracing unless its configuration sets tracing up
 
-def _service():
+def _service(lookup_for=None):  # `lookup_for(settings) -> lookup`: the feature store's lookup, for a bento that serves from one
     "Define the BentoML service class (only when a server imports it: bentoml is heavy); nothing is loaded until a worker starts."
     import bentoml
     settings = _settings()
-    app = create_app(settings)
+    app = create_app(settings, lookup=lookup_for(settings) if lookup_for and settings.get("features") else None)
     # BentoML opens an OpenTelemetry span for every request even when nothing samples or exports it: a sixth of what an
     # answer costs. Without a tracing configuration the answering routes skip it; a configuration that sets tracing up keeps them
     untraced = {} if _traced_by_config() else {"tracing": {"excluded_urls": UNTRACED}}
@@ -889,7 +927,16 @@ def _bentoml(cfg: Config):
     import bentoml
     return bentoml
 
-def build_bento(cfg: Config, ref: str = "champion") -> dict:
+ENTRY_FILE = "mlnb_service.py"  # a bento that serves from a feature store: its service, with the store's lookup
+_ENTRY = '''"The service of this bento (written by `mlnb build`): mlnb's, with the features a request lacks looked up in the feature store."
+from mlnb.serving import _service
+from mlnb.features import serving_lookup
+Service = _service(serving_lookup)
+'''
+
+def build_bento(cfg: Config, ref: str = "champion",
+                features=None,  # `features(cfg, fields, folder) -> dict | None`: what the service needs to look up features in a store (files copied into `folder`)
+               ) -> dict:
     "Build a bento serving version or alias `ref` of the project's model; returns its tag and settings."
     from mlnb import tracking, audit
     globals().pop("Service", None)  # BentoML imports the service to build it: a service defined for an earlier build must not be reused
@@ -940,17 +987,24 @@ def build_bento(cfg: Config, ref: str = "champion") -> dict:
     bento_version = f"v{info['version']}-{time.strftime('%Y%m%d%H%M%S')}"
     settings["bento"] = f"{safe}:{bento_version}"
     settings["audit_log"] = audit.log_location(cfg)  # an absolute path, or a PostgreSQL URL
+    spec = features(cfg, fields, ctx) if features else None
+    entry, shipped = "mlnb.serving:Service", [SETTINGS_FILE]
+    if spec:  # the views, keys and definitions' digest travel with the bento; its entry wires the store's lookup into the service
+        settings["features"] = spec
+        settings["lineage"].update(feature_views=[v["name"] for v in spec["views"]], feature_digest=spec["digest"])
+        (ctx / ENTRY_FILE).write_text(_ENTRY)
+        entry, shipped = "mlnb_service:Service", [SETTINGS_FILE, ENTRY_FILE, *spec.get("files", [])]
     (ctx / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-    shipped = [SETTINGS_FILE]
     for f in ("model_card.md", "model_card.html"):  # the version's card travels with it
         text = tracking.version_artifact(cfg, info["version"], f)
         if text: (ctx / f).write_text(text); shipped.append(f)
     globals().pop("Service", None)
     from importlib.metadata import version as v
-    reqs = [f"{p}=={v(p)}" for p in ("bentoml", "mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pandera", "fastapi", "pydantic")]
+    reqs = [f"{p}=={v(p)}" for p in ("bentoml", "mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pandera", "fastapi", "pydantic")
+                                    + (("feast",) if spec else ())]
     about = (f"# {cfg.model_name}, version {info['version']}\n\nA {task.kind} model of `{task.target}`, served by mlnb: the docs page is at `/`, "
              "the lineage at `/metadata`, the model card at `/card`.\n")  # the bento's README (BentoML's default one links to badges online)
-    bento = bentoml.bentos.build("mlnb.serving:Service", name=safe, version=bento_version, build_ctx=str(ctx), include=["mlnb/*.py", *shipped],
+    bento = bentoml.bentos.build(entry, name=safe, version=bento_version, build_ctx=str(ctx), include=["mlnb/*.py", *shipped],
                                  models=[str(bm.tag)], python={"packages": reqs, "lock_packages": False}, description=about,
                                  labels={"mlnb.model": cfg.model_name, "mlnb.version": str(info["version"])})
     audit.record(cfg, "bento.built", {"model": cfg.model_name, "version": info["version"], "bento": str(bento.tag)},

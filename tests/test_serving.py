@@ -541,3 +541,110 @@ def test_fuzz_1000_bad_requests_never_5xx(served):
     assert res["requests"] >= 1000 and res["server_errors"] == 0, res
     assert set(res["not_4xx"]) <= {"mutation -> 200"}, res["not_4xx"]  # only a random mutation may happen to stay valid
     assert res["largest_answer_bytes"] <= 2100 and res["valid_after"] == 200
+
+
+# --- serving from the feature store: account-level features looked up by account_id ---
+
+ACCOUNT_FEATURES = ["n_tx_24h", "account_age_days"]
+FEATURE_DEFINITIONS = [
+    "from datetime import timedelta\nfrom feast import Entity, FeatureView, Field, FileSource, ValueType\nfrom feast.types import Int64",
+    'account = Entity(name="account", join_keys=["account_id"], value_type=ValueType.INT64)',
+    'account_stats = FeatureView(name="account_stats", entities=[account], ttl=timedelta(days=30),\n'
+    '    schema=[Field(name="n_tx_24h", dtype=Int64), Field(name="account_age_days", dtype=Int64)],\n'
+    '    source=FileSource(path="data/account_stats.parquet", timestamp_field="ts"))']
+
+
+def start_server(project, tag, log, env=None):
+    "`mlnb serve` of bento `tag` on a free port, once it is ready: (process, url)."
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*MLNB, "--project", str(project), "serve", tag, "--port", str(port)], env=env or dict(os.environ),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200: return proc, url
+        except httpx.HTTPError: pass
+        if proc.poll() is not None: raise AssertionError(log.read_text())
+        time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    raise AssertionError(f"the server did not answer within 120 s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def feature_served(tmp_path_factory, reference_run):
+    "The reference project with feature definitions (n_tx_24h and account_age_days by account_id), materialized, its bento served."
+    import pandas as pd
+    from conftest import git
+    d = reference_project_reusing(tmp_path_factory.mktemp("feature-serving"), reference_run)
+    recs = records(6, seed=12)
+    accounts = list(range(101, 101 + len(recs)))
+    (d / "data").mkdir(exist_ok=True)
+    pd.DataFrame({"account_id": accounts, "ts": pd.Timestamp("2026-01-01", tz="UTC"),
+                  **{f: [r[f] for r in recs] for f in ACCOUNT_FEATURES}}).to_parquet(d / "data/account_stats.parquet")
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": s}
+                    for i, s in enumerate(FEATURE_DEFINITIONS)], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (d / "nbs/features.ipynb").write_text(json.dumps(nb, indent=1))
+    git(d, "add", "-A"); git(d, "commit", "-qm", "feature definitions")
+    assert run_json(d, "features", "materialize", "--end", "2026-02-01")["views"] == ["account_stats"]
+    run_json(d, "run", "--jobs", "2", timeout=600)
+    built = run_json(d, "build", timeout=300)
+    proc, url = start_server(d, built["tag"], d / "serve.log")
+    yield {"url": url, "project": d, "bento": built, "client": httpx.Client(base_url=url, timeout=30),
+           "records": recs, "accounts": accounts}
+    os.killpg(proc.pid, 15)
+    try: proc.wait(timeout=30)
+    except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
+
+
+def short(rec, account):
+    "The record as a caller of a feature-store service sends it: the account id and the request's own fields."
+    return {"account_id": account, **{k: v for k, v in rec.items() if k not in ACCOUNT_FEATURES}}
+
+
+def test_feature_store_request_with_only_the_key_answers_as_every_feature(feature_served):
+    c, recs, accounts = feature_served["client"], feature_served["records"], feature_served["accounts"]
+    answer = lambda body: {k: v for k, v in body.items() if k not in ("request_id",)}
+    for rec, acc in zip(recs[:2], accounts):  # one record: the same answer as with every feature spelled out
+        full, looked_up = c.post("/predict", json=rec), c.post("/predict", json=short(rec, acc))
+        assert full.status_code == 200 and looked_up.status_code == 200, (full.text, looked_up.text)
+        assert answer(looked_up.json()) == answer(full.json())
+    # a batch, one lookup for all: short records, a record with every feature (and its key), in one request
+    batch = [short(r, a) for r, a in zip(recs, accounts)]
+    batch[3] = {**recs[3], "account_id": accounts[3]}
+    full, looked_up = c.post("/predict", json=recs), c.post("/predict", json=batch)
+    assert full.status_code == 200 and looked_up.status_code == 200, (full.text, looked_up.text)
+    assert looked_up.json()["predictions"] == full.json()["predictions"]
+    # what a record carries itself wins over the store
+    rec = {**short(recs[0], accounts[0]), "n_tx_24h": recs[1]["n_tx_24h"], "account_age_days": recs[1]["account_age_days"]}
+    assert c.post("/predict", json=rec).json()["score"] == c.post("/predict", json={**recs[0], **{f: recs[1][f] for f in ACCOUNT_FEATURES}}).json()["score"]
+
+
+def test_feature_store_unknown_entity_is_a_422_naming_it(feature_served):
+    c, recs, accounts = feature_served["client"], feature_served["records"], feature_served["accounts"]
+    r = c.post("/predict", json=short(recs[0], 999))
+    assert r.status_code == 422 and "the online store has no features for account_id=999" in r.json()["error"], r.text
+    r = c.post("/predict", json=[short(recs[0], accounts[0]), short(recs[1], 998)])
+    assert r.status_code == 422 and "record 1: account_id=998" in r.json()["error"], r.text
+    r = c.post("/predict", json={k: v for k, v in short(recs[0], 1).items() if k != "account_id"})
+    assert r.status_code == 422 and "field 'account_id' is missing: it is the entity key" in r.json()["error"], r.text
+    r = c.post("/predict", json=short(recs[0], "101"))
+    assert r.status_code == 422 and "field 'account_id' = \"101\" is not accepted; expected an integer" in r.json()["error"], r.text
+    r = c.post("/predict", json={**short(recs[0], accounts[0]), "hour": "noon"})  # the assembled record is checked against the contract as before
+    assert r.status_code == 422 and "field 'hour' = \"noon\" is not accepted" in r.json()["error"], r.text
+    assert c.post("/predict", json=recs[0]).status_code == 200  # the service goes on
+
+
+def test_feature_store_metadata_and_lineage_name_the_views(feature_served):
+    d, tag = feature_served["project"], feature_served["bento"]["tag"]
+    meta = feature_served["client"].get("/metadata").json()
+    digest = json.loads((d / ".mlnb/features/applied.json").read_text())["digest"]
+    f = meta["features"]
+    assert [(v["name"], v["features"], v["join_keys"]) for v in f["views"]] == [("account_stats", ACCOUNT_FEATURES, ["account_id"])]
+    assert f["digest"] == digest and f["entity_keys"] == ["account_id"] and f["unknown_entity"] == "refuse"
+    assert "n_tx_24h" not in f["request_fields"] and "amount" in f["request_fields"]
+    assert meta["feature_views"] == ["account_stats"] and meta["feature_digest"] == digest
+    assert (Path(feature_served["bento"]["path"]) / "src" / "feature_registry.db").is_file()  # the definitions served travel with the bento
+    ln = run_json(d, "lineage", tag)
+    assert ln["bento"]["feature_views"] == ["account_stats"] and ln["bento"]["feature_digest"] == digest
+    assert "features from account_stats" in run_mlnb(d, "lineage", tag).stdout
