@@ -6,8 +6,8 @@
 __all__ = ['MAX_DEPTH', 'QUOTE_CHARS', 'MAX_ERROR_CHARS', 'REFUSAL_REASONS', 'PROBABILITY_BUCKETS', 'SCORE_DOC', 'SETTINGS_FILE',
            'UNTRACED', 'ENTRY_FILE', 'contract_fields', 'RequestChecker', 'BadRequest', 'PredictionLog',
            'read_prediction_log', 'iso_time', 'Models', 'contract_example', 'score_buckets', 'ServiceMetrics',
-           'request_limit', 'openapi_doc', 'swagger_assets', 'docs_page', 'Batcher', 'create_app', 'bento_home',
-           'build_bento', 'serve_command', 'check_port', 'bento_settings', 'latest_bento']
+           'request_limit', 'openapi_doc', 'swagger_assets', 'docs_page', 'Batcher', 'MergedLookup', 'create_app',
+           'bento_home', 'build_bento', 'serve_command', 'check_port', 'bento_settings', 'latest_bento']
 
 # %% ../nbs/09_serving.ipynb #0002
 import json, logging, math, os, random, re, shutil, threading, time, uuid, queue
@@ -701,6 +701,38 @@ def _json(body: dict, status: int = 200, headers: dict | None = None):
     from starlette.responses import Response
     return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
+class MergedLookup:
+    """Lookups of concurrent requests merged into one online read: while a read runs, the requests that arrive queue, and go
+    together in the next. A read that fails (an unknown entity in one request) is done again request by request, so each
+    request gets its own answer or refusal."""
+    def __init__(self, lookup): self.lookup, self.queue, self.draining = lookup, [], False
+
+    async def __call__(self, records: list) -> list:
+        import asyncio
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append((records, fut))
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self):
+        import asyncio
+        loop = asyncio.get_running_loop()
+        try:
+            while self.queue:
+                batch, self.queue = self.queue, []
+                try: got = await loop.run_in_executor(None, self.lookup, [r for recs, _ in batch for r in recs]) if len(batch) > 1 else None
+                except Exception: got = None
+                if got is None:  # one request, or a merged read that failed: each request on its own
+                    for recs, fut in batch:
+                        try: fut.set_result(await loop.run_in_executor(None, self.lookup, recs))
+                        except Exception as e: fut.set_exception(e)
+                    continue
+                i = 0
+                for recs, fut in batch: fut.set_result(got[i:i + len(recs)]); i += len(recs)
+        finally: self.draining = False
+
 def create_app(settings: dict, model=None, version: int | None = None,
                lookup=None):  # `lookup(records) -> records`: fills in, from a feature store, the features a record lacks (settings' `features`)
     "The FastAPI app of the service (mounted on the BentoML service); `app.state.start()` loads the bento's model, unless `model` is given, and follows the registry."
@@ -721,6 +753,7 @@ def create_app(settings: dict, model=None, version: int | None = None,
     feats = settings.get("features") or {}
     served = [f for v in feats.get("views", []) for f in v["features"]] if lookup is not None else []  # what the store fills in
     keys = [k for k in feats.get("entity_keys", []) if k not in settings["fields"]]  # entity keys that are not inputs of the model
+    merged = MergedLookup(lookup) if served else None
 
     def start():
         "Load the model and follow the registry: in the server's worker, never in the process that only imports the service."
@@ -761,10 +794,9 @@ def create_app(settings: dict, model=None, version: int | None = None,
         return b"".join(chunks)
 
     async def assemble(records: list, single: bool) -> tuple:
-        "The records with the features they lack looked up in the store (one lookup per request), their entity keys dropped."
+        "The records with the features they lack looked up in the store (concurrent requests' in one read), their entity keys dropped."
         if served and any(isinstance(r, dict) and any(f not in r for f in served) for r in records):
-            import asyncio
-            try: records = await asyncio.get_running_loop().run_in_executor(None, lookup, records)
+            try: records = await merged(records)
             except NotFound as e: raise BadRequest(422, str(e), [("request", "unknown_entity")]) from None
             except ConfigError as e: raise BadRequest(422, str(e), [("request", "type")]) from None
             except MlnbError as e:  # the store cannot be read: the server's trouble, said as such, and the records that carry every feature still work
