@@ -37,6 +37,22 @@ def test_the_stack_records_itself_and_its_settings(team_stack):
     assert st["running"] and st["parts"]["mlflow"]["healthy"] and st["parts"]["dask"]["connected"] == ["worker-1", "worker-2"]
 
 
+def test_status_answers_while_the_cluster_works(team_stack):
+    """A worker that finished tasks since its last heartbeat reports metrics the scheduler's /json/identity.json cannot
+    write (it answers 500 until the next heartbeat): the status asks the scheduler over its comm, so it names the workers
+    while they work too."""
+    import operator
+    from distributed import Client
+    from mlnb.stack import Stack
+    seen = []
+    with Client(team_stack.scheduler, timeout=60) as c:
+        for i in range(12):  # tasks finish before each look, over several heartbeats
+            assert c.gather(c.map(operator.add, range(8), [i] * 8, pure=False)) == [n + i for n in range(8)]
+            seen.append(Stack.status(team_stack.folder)["parts"]["dask"]["connected"])
+            time.sleep(0.25)
+    assert seen == [["worker-1", "worker-2"]] * 12, seen
+
+
 def test_postgres_takes_a_connection_and_a_write(team_stack):
     import psycopg
     url = team_stack.pg.create_database("stack_test")
