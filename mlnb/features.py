@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_features.ipynb #8f3b007a
 from __future__ import annotations
-import contextlib, json, re, shutil, sys
+import contextlib, json, os, platform, re, shutil, sys
 from datetime import datetime, timezone
 from pathlib import Path
 from .config import Config, load_config
@@ -77,13 +77,30 @@ def _applied(cfg: Config) -> dict:
     f = cfg.feature_store_dir / "applied.json"
     return json.loads(f.read_text()) if f.is_file() else {}
 
+@contextlib.contextmanager
+def _store_lock(cfg: Config):
+    """One writer of the project's Feast registry at a time (parallel stages, a command beside a run): Feast's file registry
+    is read, changed and written back whole, so two writers at once would lose one's change."""
+    import fcntl
+    d = cfg.feature_store_dir
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 def definitions_digest(cfg: Config) -> str:
     "The digest of the definitions (their code cells): the one the cache keys of stages that read the store hold."
     return notebook_digest(_definitions(cfg))
 
 # %% ../nbs/18_features.ipynb #6427dbcc
-def apply_definitions(cfg: Config) -> dict:
-    "Register the notebook's definitions in the store; views and entities no longer defined are removed."
+def apply_definitions(cfg: Config, changed_only: bool = False) -> dict:
+    "Register the notebook's definitions in the store (with `changed_only`, only if they changed since the last apply); views and entities no longer defined are removed."
+    with _store_lock(cfg):
+        if changed_only and (done := _applied(cfg)).get("digest") == definitions_digest(cfg): return done  # another process applied them meanwhile
+        return _apply(cfg)
+
+def _apply(cfg: Config) -> dict:
     defs = load_definitions(cfg)
     digest = definitions_digest(cfg)
     store = open_store(cfg)
@@ -95,14 +112,16 @@ def apply_definitions(cfg: Config) -> dict:
     try: store.apply(objects, objects_to_delete=gone, partial=False)
     except MlnbError: raise
     except Exception as e: raise ConfigError(f"Feast refused the definitions in {cfg.feature_definitions.name}: {type(e).__name__}: {e}") from e
-    out = {"digest": digest, "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"digest": digest, "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "applied_by": f"{platform.node()}:{os.getpid()}",
            **{k: sorted(names[k]) for k in KINDS if k != "sources"}, "removed": sorted(o.name for o in gone)}
-    (cfg.feature_store_dir / "applied.json").write_text(json.dumps(out, indent=1))
+    tmp = cfg.feature_store_dir / f".applied.{os.getpid()}.json"  # readers never see half of it
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, cfg.feature_store_dir / "applied.json")
     return out
 
 def ensure_applied(cfg: Config):
     "The store, with the definitions applied first when they changed since the last `apply`."
-    if _applied(cfg).get("digest") != definitions_digest(cfg): apply_definitions(cfg)
+    if _applied(cfg).get("digest") != definitions_digest(cfg): apply_definitions(cfg, changed_only=True)
     return open_store(cfg)
 
 # %% ../nbs/18_features.ipynb #453b90a7
@@ -176,7 +195,11 @@ def materialize(cfg: Config,
                ) -> dict:
     "Load the newest feature values up to `end` into the online store (each view from where its last materialization ended, or from the start)."
     end = _utc(end)
-    store = ensure_applied(cfg)
+    ensure_applied(cfg)
+    with _store_lock(cfg):  # one materialization at a time, each view going on from where the last one ended
+        return _materialize(open_store(cfg), end, views)
+
+def _materialize(store, end: datetime, views: list | None) -> dict:
     known = {v.name: v for v in store.list_feature_views()}
     for v in views or []:
         if v not in known: raise NotFound(f"no feature view '{v}'; feature views: {', '.join(sorted(known))}")

@@ -18,8 +18,8 @@ from . import store as stores  # light: fsspec is imported when a store is opene
 __all__ = ['FEATURE_CALLS', 'WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'Stage', 'read_stage', 'Pipeline', 'discover',
            'write_stage', 'resolve_params', 'env_digest', 'input_digests', 'uses_feature_store', 'notebook_digest',
            'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id', 'KernelPool', 'failure_text',
-           'dask_address', 'DaskStages', 'RunOptions', 'load_run', 'list_runs', 'verify_entry', 'clean_leftovers',
-           'run_pipeline']
+           'dask_address', 'dask_workers', 'DaskStages', 'RunOptions', 'load_run', 'list_runs', 'verify_entry',
+           'clean_leftovers', 'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -964,6 +964,24 @@ def _worker_checkout(local_dir: str, stage: Stage, ctx: dict, env: dict, job: di
     _SCRATCH[str(stage.path.parent)] = str(run)
     ctx = {**ctx, "out_dir": str(out), "upstream": upstream, "project": str(project), "run_dir": str(run / "run")}
     return stage, ctx, out.with_name(out.name + ".ipynb"), {**env, "MLNB_PROJECT": str(project)}, store, out
+
+def dask_workers(address: str,        # the scheduler, e.g. tcp://10.0.0.5:8786
+                 timeout: float = 10,  # seconds to wait for its answer
+                ) -> list | None:
+    """Names of the workers the Dask scheduler at `address` has now, asked over its comm (its `identity` operation, what a
+    client's `scheduler_info()` asks) without starting a client; None if it does not answer in `timeout` s. (Not its HTTP
+    `/json/identity.json`: that answers 500 whenever a task finished since a worker's last heartbeat, as the worker's
+    metrics then have tuple keys JSON cannot write.)"""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from distributed.core import rpc
+    async def ask():
+        async with rpc(address, timeout=timeout) as scheduler:
+            return await asyncio.wait_for(scheduler.identity(), timeout)
+    try:  # in a thread of its own: the caller may be inside an event loop (a notebook)
+        with ThreadPoolExecutor(1) as pool: info = pool.submit(asyncio.run, ask()).result()
+    except Exception: return None  # refused, reset, timed out: it does not answer
+    return sorted(str(w.get("name")) for w in info.get("workers", {}).values())
 
 def _claimed(claim: str, client) -> dict | None:
     "Which worker took the stage of claim `claim` (a Dask variable), or None before one did."

@@ -469,13 +469,37 @@ def _json_body(schema: dict, description: str, example=None) -> dict:
 def _get(summary: str, description: str, responses: dict, tag: str = "service") -> dict:
     return {"get": {"tags": [tag], "summary": summary, "description": description, "responses": responses}}
 
+_KEY_TYPES = {"Int32": "integer", "Int64": "integer", "Float32": "number", "Float64": "number", "String": "string", "Bool": "boolean"}
+
+def _store_record(record: dict, store: dict) -> tuple:
+    "The record's schema when a feature store fills in its views' features: those are optional, the entity keys are accepted."
+    held = {f: v for v in store.get("views", []) for f in v["features"] if f in record["properties"]}
+    types = {k: t for v in store.get("views", []) for k, t in v.get("key_types", {}).items()}
+    keys = list(store.get("entity_keys", []))
+    props = dict(record["properties"])
+    for f, v in held.items():
+        props[f] = {**props[f], "description": f"{props[f]['description']}; may be left out: then it is looked up in the feature store "
+                                                 f"(view `{v['name']}`, by {', '.join(v['join_keys'])})"}
+    for k in keys:
+        if k not in props:
+            props[k] = {"type": _KEY_TYPES.get(types.get(k, ""), "string"),
+                        "description": "entity key of the feature store: needed when the record leaves out a feature the store holds; not a model input"}
+    need = [f for f in record.get("required", []) if f not in held]
+    by = ", ".join(keys)
+    out = {**record, "properties": props, "required": need,
+           "description": f"One record: the {len(need)} fields the request brings are required; the {len(held)} the feature store holds "
+                          f"({', '.join(held)}) may be left out, and then {by} must be given to look them up"}
+    return out, (f"the fields the request brings are required; those the feature store holds ({', '.join(held)}) may be left out if the "
+                 f"record gives {by}; no other field is accepted")
+
 def openapi_doc(settings: dict,                   # the service's settings (serving.json)
                 checker: RequestChecker,          # the contract's request checker
                 example: dict,                    # a record the service accepts (`contract_example`)
                 version: int | None = None,       # the version answering now (default: the one the bento was built from)
                 challenger: int | None = None,    # the version getting canary traffic, if any
                 classes: list | None = None,      # the served model's labels (a classifier)
-                card: bool = False) -> dict:      # whether the bento has a model card at /card
+                card: bool = False,               # whether the bento has a model card at /card
+                store: dict | None = None) -> dict:  # serving from a feature store: settings' `features` (its views fill in what a record leaves out)
     "The service's OpenAPI document: the model, the version answering, what the answer means, the contract's request schema with examples."
     from mlnb.tasks import Task
     task, name = Task.from_dict(settings["task"]), settings["model_name"]
@@ -483,6 +507,9 @@ def openapi_doc(settings: dict,                   # the service's settings (serv
     max_batch = int(settings.get("max_batch") or 1000)
     limit = int(settings.get("max_request_bytes") or request_limit(settings["fields"], max_batch))
     record = checker.schema()
+    every = "every field is required, and no other is accepted"
+    if store:
+        record, every = _store_record(record, store)
     batch = {"type": "array", "items": record, "minItems": 1, "maxItems": max_batch, "description": f"1 to {max_batch} records"}
     answer = _answer_schema(task, classes)
     ids = {**_IDS, "model": {**_IDS["model"], "examples": [name]}}
@@ -511,7 +538,7 @@ def openapi_doc(settings: dict,                   # the service's settings (serv
     def predict(op, summary, example_body):
         return {"post": {"tags": ["model"], "summary": summary, "operationId": op,
                          "description": f"Each answer has {what}, the version that answered and a request id. Send one record as a JSON object, or a list "
-                                        f"of up to {max_batch} records; every field is required, and no other is accepted.",
+                                        f"of up to {max_batch} records; {every}.",
                          "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [record, batch]}, "example": example_body}}},
                          "responses": {"200": {"description": "the answer (one record) or the answers (a list)", "headers": {
                                                    "x-request-id": {"schema": {"type": "string"}, "description": "the service's id of the request"},
@@ -834,7 +861,7 @@ def create_app(settings: dict, model=None, version: int | None = None,
         v, mdl = models.champion if models.champion else (None, None)
         ch = models.challenger if models.canary > 0 else None
         classes = [c.item() if hasattr(c, "item") else c for c in getattr(mdl, "classes_", [])] or settings.get("classes")
-        return openapi_doc(settings, checker, example, v, ch[0] if ch else None, classes, card.exists())
+        return openapi_doc(settings, checker, example, v, ch[0] if ch else None, classes, card.exists(), store=feats if served else None)
 
     for path, op in doc()["paths"].items():  # the routes carry their part of it too (BentoML writes it into the bento)
         if path.startswith("/predict"): app.post(path, openapi_extra=op["post"])(score)

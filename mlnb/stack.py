@@ -321,16 +321,8 @@ class DaskCluster:
     def connected(self, timeout: float = 10) -> list | None:
         "Names of the workers the scheduler has now (asked over its comm, no Dask client started); None if it does not answer in `timeout` s."
         if not self.address or not self.running(): return None  # a scheduler that is not there refuses at once; no wait
-        import asyncio
-        from concurrent.futures import ThreadPoolExecutor
-        from distributed.core import rpc
-        async def ask():
-            async with rpc(self.address, timeout=timeout) as scheduler:
-                return await asyncio.wait_for(scheduler.identity(), timeout)
-        try:  # in a thread of its own: the caller may be inside an event loop (a notebook)
-            with ThreadPoolExecutor(1) as pool: info = pool.submit(asyncio.run, ask()).result()
-        except Exception: return None  # refused, reset, timed out: it does not answer
-        return sorted(str(w.get("name")) for w in info.get("workers", {}).values())
+        from mlnb.pipeline import dask_workers
+        return dask_workers(self.address, timeout)
 
     def wait_for_workers(self, names=None, timeout: float = 120):
         "Wait until the scheduler has exactly the workers `names` (default: every worker started here)."

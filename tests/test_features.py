@@ -115,3 +115,35 @@ def test_definition_change_reruns_only_the_stages_that_read_the_store(store_proj
     rec = run_json(p, "run")
     assert statuses(rec) == {"events": "cached", "train": "done"}
     assert run_json(p, "show")["stages"]["train"]["metrics"]["n_tx_sum"] == 99 + 7  # with a 3-day ttl, Jan 1's value is too old for Jan 5
+
+
+APPLIER = """
+import json, sys
+from mlnb.config import load_config
+from mlnb import features
+sys.stdin.read(1)  # every process starts at once
+cfg = load_config(sys.argv[1])
+done = features.apply_definitions(cfg, changed_only=True)
+print(json.dumps({"by": done["applied_by"], "views": [v["name"] for v in features.list_views(cfg)]}))
+"""
+
+
+def test_processes_that_find_changed_definitions_apply_them_once(store_project):
+    """Parallel stages that read the store after a definition changed each find it unapplied: one applies it, under the
+    store's lock, and the others find it applied (Feast's registry is rewritten whole: two writers at once would lose one)."""
+    import subprocess, sys
+    from mlnb.config import load_config
+    from mlnb import features
+    p = store_project
+    first = features.apply_definitions(load_config(p))
+    write_definitions(p, VIEW, VIEW.replace("account_stats", "account_more").replace('Field(name="n_tx_24h", dtype=Int64), ', ""))
+    procs = [subprocess.Popen([sys.executable, "-c", APPLIER, str(p)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for q in procs: q.stdin.write("go"); q.stdin.flush()
+    outs = []
+    for q in procs:
+        out, err = q.communicate(timeout=300)
+        assert q.returncode == 0, err
+        outs.append(json.loads(out))
+    assert len({o["by"] for o in outs}) == 1 and outs[0]["by"] != first["applied_by"], outs  # applied once, by one of them
+    assert all(o["views"] == ["account_more", "account_stats"] for o in outs), outs

@@ -135,7 +135,7 @@ def test_validate_stage_reports_contract_violations(project):
     try:
         p = run_mlnb(project, "run", *SMALL, timeout=600, check=1)
         err = p.stderr.strip().splitlines()[-1]
-        assert "stage 'validate' failed" in err and "channel: isin(" in err and "row(s) (e.g. online)" in err
+        assert "stage 'validate' failed" in err and "channel: isin(" in err and "row(s) (e.g. online)" in err, p.stderr[-4000:]
     finally:
         nb.write_text(original)
 

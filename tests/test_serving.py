@@ -648,3 +648,10 @@ def test_feature_store_metadata_and_lineage_name_the_views(feature_served):
     ln = run_json(d, "lineage", tag)
     assert ln["bento"]["feature_views"] == ["account_stats"] and ln["bento"]["feature_digest"] == digest
     assert "features from account_stats" in run_mlnb(d, "lineage", tag).stdout
+    # the OpenAPI document says what a caller may leave out: the store's features (then the key), nothing else
+    body = feature_served["client"].get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    record = body["schema"]["oneOf"][0]
+    assert set(record["required"]) == set(f["request_fields"]) and not set(ACCOUNT_FEATURES) & set(record["required"]), record["required"]
+    assert record["properties"]["account_id"]["type"] == "integer" and "account_id" not in record["required"]
+    assert "looked up in the feature store (view `account_stats`, by account_id)" in record["properties"]["n_tx_24h"]["description"]
+    assert "may be left out if the record gives account_id" in feature_served["client"].get("/openapi.json").json()["paths"]["/predict"]["post"]["description"]
