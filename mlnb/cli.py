@@ -934,11 +934,13 @@ def report(ctx, out, as_json):
 @click.option("--id", "id_columns", multiple=True, metavar="COLUMN", help="A column of --data that identifies a row and is not a feature (repeatable).")
 @click.option("--sensitive", metavar="COLUMN", help="A column fairness is measured across.")
 @click.option("--name", help="Model and experiment name (default: the folder's name).")
+@click.option("--feature-store", is_flag=True, help="Part of the example's features from a Feast feature store: definitions, entity table, point-in-time training data, a materialize stage.")
 @click.option("--json", "as_json", is_flag=True)
-def new(folder, task, data, target, id_columns, sensitive, name, as_json):
+def new(folder, task, data, target, id_columns, sensitive, name, feature_store, as_json):
     "Start a new mlnb project in DIR: settings, stage notebooks, a contract, a model card and a CI workflow."
     from mlnb.scaffold import new_project
-    out = new_project(folder, task=task, data=data, target=target, name=name, id_columns=tuple(id_columns), sensitive=sensitive)
+    out = new_project(folder, task=task, data=data, target=target, name=name, id_columns=tuple(id_columns), sensitive=sensitive,
+                      feature_store=feature_store)
     text = [f"wrote a {out['task']} project '{out['name']}' (target {out['target']}) in {out['folder']}: {len(out['files'])} files", "next:",
             *[f"  {c}" for c in out["next"]]]
     _out(out, as_json, "\n".join(text))

@@ -19,7 +19,19 @@ __all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'app
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
 
+_FEAST_MODULES = ("feast", "feast.feature_store", "feast.feature_view", "feast.on_demand_feature_view", "feast.stream_feature_view",
+                  "feast.batch_feature_view", "feast.repo_config", "feast.infra.offline_stores.offline_store")
+
+def _feast():
+    """Import feast without what its modules do to the whole process on import: `warnings.simplefilter("once", DeprecationWarning)`
+    would make every library's deprecation warnings print (in `mlnb build`, in a stage's output)."""
+    if _FEAST_MODULES[-1] in sys.modules: return
+    import importlib, warnings
+    with warnings.catch_warnings():  # the filters as they were come back when it ends
+        for m in _FEAST_MODULES: importlib.import_module(m)
+
 def _kind(obj) -> str | None:
+    _feast()
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
     from feast.on_demand_feature_view import OnDemandFeatureView
@@ -46,6 +58,7 @@ def load_definitions(cfg: Config) -> dict:
     "Run the code cells of the definitions notebook (`feature_definitions`) and collect the Feast objects it makes, by kind."
     path = _definitions(cfg)
     ns = {"__name__": "__mlnb_features__"}
+    _feast()  # before the notebook's own `from feast import ...`
     with contextlib.chdir(cfg.root):  # as from the project folder, wherever the caller runs (a stage runs in its notebook's folder)
         for i, src in enumerate(_code_cells(path), 1):
             try: exec(compile(src, f"{path.name} code cell {i}", "exec"), ns)
@@ -65,6 +78,7 @@ def _project_name(cfg: Config) -> str:
 
 def open_store(cfg: Config):
     "The project's Feast store: registry and SQLite online store in `feature_store`, the file offline store reading the sources' files (paths relative to the project)."
+    _feast()
     from feast import FeatureStore, RepoConfig
     d = cfg.feature_store_dir
     d.mkdir(parents=True, exist_ok=True)
@@ -350,6 +364,7 @@ class OnlineLookup:
         self.store_ = None
 
     def open(self):
+        _feast()
         from feast import FeatureStore, RepoConfig
         s = self.spec
         rc = RepoConfig(project=s["project"], provider="local", registry=str(self.folder / s["registry"]),

@@ -237,15 +237,24 @@ def input_digests(stage: Stage, cfg: Config) -> dict:
         out[f"features:{f.relative_to(root).as_posix()}"] = notebook_digest(f)
     return out
 
-FEATURE_CALLS = ("training_frame",)  # the calls that make a stage read the feature store
+FEATURE_CALLS = ("training_frame", "materialize")  # the calls that make a stage read (or load) the feature store
+_COMMON = {"materialize"}  # names other libraries use too: only `features.materialize(...)`, or imported from mlnb.features
 
 def uses_feature_store(stage: Stage) -> bool:
-    "Does the stage's code call the feature store's training-data helper (`features.training_frame(...)`)?"
+    "Does the stage's code call the feature store's training-data helper or its loader (`features.training_frame(...)`, `features.materialize(...)`)?"
+    trees = []
     for src in stage.code:
-        try: tree = ast.parse(src)
+        try: trees.append(ast.parse(src))
         except SyntaxError: continue
-        for n in ast.walk(tree):
-            if isinstance(n, ast.Call) and (getattr(n.func, "id", None) or getattr(n.func, "attr", None)) in FEATURE_CALLS: return True
+    nodes = [n for t in trees for n in ast.walk(t)]
+    imported = {a.asname or a.name for n in nodes if isinstance(n, ast.ImportFrom) and n.module == "mlnb.features" for a in n.names}
+    for n in nodes:
+        if not isinstance(n, ast.Call): continue
+        name = getattr(n.func, "id", None) or getattr(n.func, "attr", None)
+        if name not in FEATURE_CALLS: continue
+        if name not in _COMMON: return True
+        if isinstance(n.func, ast.Name) and name in imported: return True
+        if isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) and n.func.value.id == "features": return True
     return False
 
 def notebook_digest(path: Path | str) -> str:

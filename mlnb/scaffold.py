@@ -11,7 +11,8 @@ from .errors import ConfigError, NotFound
 from .tasks import TASKS
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'LOOSE', 'WORKFLOW', 'example_frame', 'stage_notebooks', 'card_notebook', 'new_project']
+__all__ = ['EXAMPLES', 'LOOSE', 'WORKFLOW', 'STORE_ENTITY', 'STORE_START', 'example_frame', 'stage_notebooks', 'card_notebook',
+           'store_tables', 'definitions_notebook', 'new_project']
 
 # %% ../nbs/14_scaffold.ipynb #0005
 EXAMPLES = {
@@ -60,7 +61,8 @@ def _train_code(task: str) -> tuple:
         return "alpha = 1.0", "from sklearn.linear_model import Ridge", 'Ridge(alpha=alpha)'
     return "C = 1.0", "from sklearn.linear_model import LogisticRegression", 'LogisticRegression(C=C, max_iter=2000)'
 
-def stage_notebooks(task: str, data: str | None) -> dict:
+def stage_notebooks(task: str, data: str | None,
+                    store: dict | None = None) -> dict:  # `store_tables`' description: the data comes from a feature store
     "`{file name: notebook JSON}` of the generated pipeline."
     ex = EXAMPLES[task]
     if data:
@@ -83,6 +85,26 @@ def stage_notebooks(task: str, data: str | None) -> dict:
         ("code", "if source:\n    df = steps.read_data(source)\nelse:\n" + "\n".join("    " + l for l in load.splitlines()) +
                  '\nstage.save("data", df)\nstage.log_metrics({"rows": len(df)})\ndf.head()'),
     ])
+    if store:
+        nbs["ingest.ipynb"] = _nb([
+            ("markdown", f"# Ingest\n\nThe training data: the labelled events of `{store['events_file']}` ({where}), each joined with the features "
+                         f"the feature store held for its `{store['key']}` at its time (`features.training_frame`: point-in-time correct, so "
+                         "nothing written after an event reaches its row). Save it as the product `data`. `source` names a data file under the "
+                         "project to train on instead: `mlnb monitor --retrain` sets it to the labelled window of production traffic."),
+            ("code", f'upstream = []\ninputs = ["{store["events_file"]}", "{store["table_file"]}"]\n'
+                     'source = ""  # a data file under the project (csv, parquet, jsonl) to use instead', ["parameters"]),
+            ("code", "from mlnb import features, stage, steps"),
+            ("code", f'if source:\n    df = steps.read_data(source)\nelse:\n    events = steps.read_data("{store["events_file"]}")\n'
+                     f'    df = features.training_frame(events, ["{store["view"]}"])\n'
+                     'stage.save("data", df)\nstage.log_metrics({"rows": len(df)})\ndf.head()'),
+        ])
+        nbs["materialize.ipynb"] = _nb([
+            ("markdown", "# Materialize\n\nLoads the feature store's newest values into its online store, where the service looks them up. "
+                         "It reruns when the definitions or the feature table change; `mlnb features materialize` does the same by hand."),
+            ("code", f'upstream = []\ninputs = ["{store["table_file"]}"]', ["parameters"]),
+            ("code", "from mlnb import features, stage, steps"),
+            ("code", 'loaded = features.materialize(steps.project())\nstage.save("materialized", loaded)\nloaded'),
+        ])
     nbs["validate.ipynb"] = _nb([
         ("markdown", "# Validate\n\nChecks the data against its contract, `contract.yaml` beside this notebook (a pandera schema: types, missing "
                      "values, ranges, allowed categories; inferred by `mlnb new`, then reviewed like code). Add checks of your own to `problems`."),
@@ -230,7 +252,61 @@ To switch the task or the data, change `task`, `target` (and `features`, `id_col
 `settings.ini`, the ingest cell, and the contract (`mlnb contract infer DATA nbs/pipeline/contract.yaml`).
 """
 
+# %% ../nbs/14_scaffold.ipynb #s7a02
+STORE_ENTITY = {"binary": "patient", "multiclass": "wine", "regression": "patient"}  # what a row of each example is
+STORE_START = "2025-01-01"  # the example's events: one an hour from here (in the past, so `materialize` up to now loads them all)
+
+def store_tables(df, task: str, target: str, sensitive: str | None = None) -> dict:
+    """The example data split as a feature store holds it: labelled events (entity key, event time, the fields a request
+    brings, the target) and a table of entity features as of a time before each event (the last third of the numeric
+    features; never the sensitive column, which fairness reads from the record)."""
+    import pandas as pd
+    entity = STORE_ENTITY[task]
+    key, view = f"{entity}_id", f"{entity}_stats"
+    numeric = [c for c in df.columns if c not in (target, sensitive) and pd.api.types.is_numeric_dtype(df[c])]
+    held = numeric[-max(1, len(numeric) // 3):]
+    ids = pd.Series(range(1, len(df) + 1), index=df.index, dtype="int64")
+    when = pd.Timestamp(STORE_START, tz="UTC") + pd.to_timedelta(range(len(df)), unit="h")
+    events = df.drop(columns=held).assign(**{key: ids.to_numpy(), "event_timestamp": when})
+    events = events[[key, "event_timestamp", *[c for c in df.columns if c not in held]]]
+    table = pd.DataFrame({key: ids.to_numpy(), "ts": when - pd.Timedelta(minutes=30), **{c: df[c].to_numpy() for c in held}})
+    return {"entity": entity, "key": key, "view": view, "features": held, "events": events, "table": table,
+            "events_file": "data/events.parquet", "table_file": f"data/{entity}_features.parquet"}
+
+def _feast_type(dtype) -> str:
+    import pandas as pd
+    return "Int64" if pd.api.types.is_integer_dtype(dtype) else "Float64" if pd.api.types.is_float_dtype(dtype) else "String"
+
+def definitions_notebook(store: dict) -> str:
+    "The project's Feast definitions (`nbs/features.ipynb`): the entity, the file source of its features, one feature view."
+    t = store["table"]
+    types = sorted({_feast_type(t[c].dtype) for c in store["features"]})
+    fields = ",\n".join(f'        Field(name="{c}", dtype={_feast_type(t[c].dtype)})' for c in store["features"])
+    return _nb([
+        ("markdown", "# Feature definitions\n\nThe features the feature store (Feast) holds, defined once: training reads them as they were at "
+                     f"each event's time (`features.training_frame` in the ingest stage), the service looks them up by `{store['key']}` in the "
+                     "online store (`mlnb features materialize`, or the materialize stage, loads it). Every Feast object bound to a name "
+                     "here is a definition; changing one reruns the stages that read the store. `mlnb features list` shows them."),
+        ("code", f"from datetime import timedelta\nfrom feast import Entity, FeatureView, Field, FileSource, ValueType\nfrom feast.types import {', '.join(types)}"),
+        ("code", f'{store["entity"]} = Entity(name="{store["entity"]}", join_keys=["{store["key"]}"], value_type=ValueType.INT64)'),
+        ("code", f'{store["view"]} = FeatureView(\n    name="{store["view"]}",\n    entities=[{store["entity"]}],\n    ttl=timedelta(days=3650),\n'
+                 f'    schema=[\n{fields},\n    ],\n    source=FileSource(path="{store["table_file"]}", timestamp_field="ts"),\n)'),
+    ])
+
+
 # %% ../nbs/14_scaffold.ipynb #0008
+def _store_readme(store: dict) -> str:
+    return f"""
+## The feature store
+
+`{', '.join(store['features'])}` come from a Feast feature store, keyed by `{store['key']}` (definitions: `nbs/features.ipynb`;
+the entity table: `{store['table_file']}`; the labelled events: `{store['events_file']}`). The ingest stage joins them
+point-in-time correctly (`features.training_frame`); the materialize stage loads the online store. The service then answers
+a request that carries only `{store['key']}` and the request's own fields, looking the rest up by key (an unknown key is a 422
+naming it). `mlnb features list | materialize | get {store['key']}=1 | freshness | skew` work on the store; the registry and the
+online store live under `.mlnb/features/`.
+"""
+
 def new_project(folder: Path | str,          # the new project's folder: absent or empty
                 task: str | None = None,      # binary | multiclass | regression (default: binary, or guessed from --data)
                 data: Path | str | None = None, # the user's own table (csv or parquet); default: a bundled scikit-learn dataset
@@ -238,6 +314,7 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
                 name: str | None = None,      # model and experiment name; default: the folder's name
                 id_columns: tuple = (),       # columns of `data` that identify a row and are not features
                 sensitive: str | None = None, # a column fairness is measured across
+                feature_store: bool = False,  # the example's features partly from a Feast feature store (`store_tables`)
                ) -> dict:
     "Write a complete, working mlnb project into `folder`; returns what was written and the next commands."
     from mlnb.contracts import infer_contract, save_contract
@@ -245,7 +322,10 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"{folder} is not empty; mlnb new writes a project into a new or empty folder")
     if task is not None and task not in TASKS: raise ConfigError(f"--task {task!r}; accepted: {', '.join(TASKS)}")
-    rel_data = None
+    rel_data = store = None
+    if feature_store and data is not None:
+        raise ConfigError("--feature-store makes the feature store of a bundled example dataset (its events, entity table and definitions); "
+                          "with --data, start without it and write your own definitions in nbs/features.ipynb (see the README's feature store section)")
     if data is not None:
         from mlnb.monitor import read_table
         data = Path(data)
@@ -268,6 +348,10 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
         df, target = example_frame(task), "target"
         ex = EXAMPLES[task]
         what, positive, gates, sensitive = ex["what"], ex["positive"], dict(ex["gates"]), sensitive or ex["sensitive"]
+        if feature_store:
+            store = store_tables(df, task, target, sensitive)
+            id_columns = (store["key"], "event_timestamp")
+            df = store["events"].assign(**{c: df[c].to_numpy() for c in store["features"]})  # the training frame's columns
     name = name or folder.resolve().name
     pipe = folder / "nbs" / "pipeline"
     pipe.mkdir(parents=True, exist_ok=True)
@@ -275,7 +359,12 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
         (folder / "data").mkdir(exist_ok=True)
         shutil.copy2(data, folder / "data" / data.name)
         rel_data = f"data/{data.name}"
-    for fname, text in stage_notebooks(task, rel_data).items(): (pipe / fname).write_text(text)
+    if store:
+        (folder / "data").mkdir(exist_ok=True)
+        store["events"].to_parquet(folder / store["events_file"], index=False)
+        store["table"].to_parquet(folder / store["table_file"], index=False)
+        (folder / "nbs" / "features.ipynb").write_text(definitions_notebook(store))
+    for fname, text in stage_notebooks(task, rel_data, store).items(): (pipe / fname).write_text(text)
     (pipe / "_model_card.ipynb").write_text(card_notebook(name, task, what))
     save_contract(infer_contract(df, ignore=tuple(id_columns)), pipe / "contract.yaml")  # observed ranges; ids named as ignored
     (folder / "settings.ini").write_text(_settings_ini(name, task, target, id_columns, sensitive, positive, gates))
@@ -283,9 +372,10 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
                                            f'[project]\nname = "{name}"\nversion = "0.1.0"\nrequires-python = ">=3.11"\ndependencies = ["mlnb=={__version__}"]\n\n'
                                            '[tool.setuptools]\npackages = []\n')
     (folder / ".gitignore").write_text(".mlnb/\n/runs/\n.ipynb_checkpoints/\n__pycache__/\nmlnb-artifacts/\n*.egg-info/\nbuild/\n")
-    (folder / "README.md").write_text(_readme(name, task, what, rel_data))
+    (folder / "README.md").write_text(_readme(name, task, what, rel_data) + (_store_readme(store) if store else ""))
     (folder / ".github" / "workflows").mkdir(parents=True, exist_ok=True)
     (folder / ".github" / "workflows" / "mlnb.yml").write_text(WORKFLOW)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     return {"folder": str(folder), "task": task, "target": target, "name": name, "files": files,
+            **({"feature_store": {k: store[k] for k in ("entity", "key", "view", "features", "events_file", "table_file")}} if store else {}),
             "next": [f"cd {folder}", "git init && git add -A && git commit -m 'new project'", "mlnb run", "mlnb build", "mlnb serve"]}

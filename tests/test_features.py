@@ -147,3 +147,15 @@ def test_processes_that_find_changed_definitions_apply_them_once(store_project):
         outs.append(json.loads(out))
     assert len({o["by"] for o in outs}) == 1 and outs[0]["by"] != first["applied_by"], outs  # applied once, by one of them
     assert all(o["views"] == ["account_more", "account_stats"] for o in outs), outs
+
+
+def test_feast_leaves_the_processes_warning_filters_alone(store_project):
+    """Feast's modules call `warnings.simplefilter("once", DeprecationWarning)` on import, which would make every library's
+    deprecations print in `mlnb build` and in stages; mlnb imports it so the process's filters stay as they were."""
+    import subprocess, sys
+    code = ("import warnings, json\nbefore = [str(f) for f in warnings.filters]\nfrom mlnb.config import load_config\nfrom mlnb import features\n"
+            "cfg = load_config(__import__('sys').argv[1])\nfeatures.list_views(cfg)\nimport feast, feast.feature_store\n"
+            "print(json.dumps([str(f) for f in warnings.filters if str(f) not in before and f[0] != 'ignore' and f[1] is None and f[2] is DeprecationWarning]))")
+    p = subprocess.run([sys.executable, "-c", code, str(store_project)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == [], p.stdout

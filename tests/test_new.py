@@ -219,3 +219,48 @@ def test_the_projects_ci_workflow_runs_and_fails_on_a_gate(installed, tmp_path):
     assert codes[0] == 1 and codes[1] == 0, codes  # the job fails; the summary is still written
     assert "| min_roc_auc | **no** |" in summary and "**register failed**" in summary and "GateFailed" in summary
     assert (d / "mlnb-artifacts/notebooks/register.ipynb").exists()
+
+
+def test_new_project_with_a_feature_store(installed, tmp_path):
+    """`mlnb new --feature-store`: part of the example's features come from a Feast store keyed by an entity id. The run
+    trains on the point-in-time join, the materialize stage loads the online store, and the served bento answers a request
+    with only the key and the request's own fields as it answers the full record; a changed definition reruns the stages
+    that read the store."""
+    import pandas as pd
+    from mlnb.scaffold import example_frame
+    d = start(installed, tmp_path, "--task", "multiclass", "--feature-store")
+    defs = json.loads((d / "nbs/features.ipynb").read_text())
+    assert any("FeatureView(" in "".join(c["source"]) for c in defs["cells"])
+    rec = jmlnb(installed, d, "run")
+    assert statuses(rec) == dict.fromkeys(["ingest", "materialize", "validate", "split", "train", "evaluate", "register"], "done"), statuses(rec)
+    # the training data: each event with the store's values of its time, the same values as the example's own rows
+    train = pd.read_parquet(Path(rec["stages"]["ingest"]["entry"]) / "data.parquet")
+    views = jmlnb(installed, d, "features", "list")
+    held, key = views[0]["features"], views[0]["entities"][0]
+    assert key == "wine_id" and views[0]["materialized_until"] and len(held) >= 1
+    ex = example_frame("multiclass")
+    assert train[held].to_numpy().tolist() == ex[held].to_numpy().tolist() and train["target"].tolist() == ex["target"].tolist()
+    assert mlnb(installed, d, "features", "get", "wine_id=3").stdout.splitlines()[1:] == [f"{c}: {ex[c].iloc[2]}" for c in held]
+    # served: key + request fields answer as the full record; an unknown key is a 422 naming it
+    built = jmlnb(installed, d, "build", timeout=600)
+    served = Served(d, built["tag"], env={"PYTHONPATH": str(installed)})
+    try:
+        feats = [c for c in ex.columns if c != "target"]
+        full = json.loads(ex[feats].iloc[[2]].to_json(orient="records"))[0]
+        short = {"wine_id": 3, **{k: v for k, v in full.items() if k not in held}}
+        a, b = served.client.post("/predict", json=short), served.client.post("/predict", json=full)
+        assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+        assert a.json()["probabilities"] == b.json()["probabilities"]
+        r = served.client.post("/predict", json={**short, "wine_id": 10_000})
+        assert r.status_code == 422 and "wine_id=10000" in r.json()["error"], r.text
+    finally:
+        served.stop()
+    # a changed definition: the stages that read the store rerun, and what follows them
+    nb = d / "nbs/features.ipynb"
+    nb.write_text(nb.read_text().replace("days=3650", "days=3000"))
+    again = jmlnb(installed, d, "run")
+    assert statuses(again)["ingest"] == "done" and statuses(again)["materialize"] == "done", statuses(again)
+    # and the option says what it cannot do
+    p = mlnb(installed, tmp_path, "new", str(tmp_path / "x"), "--data", str(tmp_path / "projects/my-model/data/events.parquet"),
+             "--target", "target", "--feature-store", check=1)
+    assert "--feature-store makes the feature store of a bundled example dataset" in p.stderr, p.stderr
