@@ -153,12 +153,19 @@ def training_frame(entity_df,                    # one row per training example:
         raise ConfigError(f"entity_df has no column '{timestamp}' (the event time of each row); columns: {', '.join(map(str, entity_df.columns))}")
     df = entity_df.rename(columns={timestamp: "event_timestamp"}) if timestamp != "event_timestamp" else entity_df
     df = df.assign(event_timestamp=pd.to_datetime(df["event_timestamp"], utc=True), _mlnb_row=range(len(df)))
-    try: got = store.get_historical_features(entity_df=df, features=refs).to_df()
+    # the file store keeps one row per entity and time: two examples of one entity at one time (two transactions of an
+    # account in the same second) are asked once. Views' keys only: an on-demand view reads the rows' own fields too.
+    views = {v.name: v for v in store.list_feature_views()}
+    keys = [k for r in refs if r.split(":")[0] in views for k in views[r.split(":")[0]].join_keys]
+    by = list(dict.fromkeys([*keys, "event_timestamp"])) if all(r.split(":")[0] in views for r in refs) and set(keys) <= set(df.columns) else ["_mlnb_row"]
+    ask = df[by].drop_duplicates().assign(_mlnb_ask=lambda x: range(len(x))) if by != ["_mlnb_row"] else df.assign(_mlnb_ask=df["_mlnb_row"])
+    try: got = store.get_historical_features(entity_df=ask, features=refs).to_df()
     except MlnbError: raise
     except Exception as e: raise ConfigError(f"training data from the feature store failed: {type(e).__name__}: {e}") from e
     names = [r.split(":", 1)[1] for r in refs]
     # every entity row comes back, in its order: the file store drops rows without any feature value at their time
-    out = df.merge(got[["_mlnb_row", *names]], on="_mlnb_row", how="left").sort_values("_mlnb_row").drop(columns="_mlnb_row")
+    got = ask[[*by, "_mlnb_ask"]].merge(got[["_mlnb_ask", *names]], on="_mlnb_ask", how="left").drop(columns="_mlnb_ask")
+    out = df.merge(got, on=by, how="left").sort_values("_mlnb_row").drop(columns="_mlnb_row")
     if timestamp != "event_timestamp": out = out.rename(columns={"event_timestamp": timestamp})
     return out.reset_index(drop=True)
 
@@ -173,16 +180,17 @@ def _utc(ts) -> datetime:
 def materialize(cfg: Config,
                 end: datetime | str | None = None,   # load values written up to this time (default: now)
                 views: list | None = None,           # default: every feature view
+                start: datetime | str | None = None, # load values written from this time (default: where the view's last materialization ended)
                ) -> dict:
-    "Load the newest feature values up to `end` into the online store (each view from where its last materialization ended, or from the start)."
-    end = _utc(end)
+    "Load the newest feature values up to `end` into the online store (each view from `start`, or from where its last materialization ended, or from the start)."
+    end, start_at = _utc(end), _utc(start) if start is not None else None
     store = ensure_applied(cfg)
     known = {v.name: v for v in store.list_feature_views()}
     for v in views or []:
         if v not in known: raise NotFound(f"no feature view '{v}'; feature views: {', '.join(sorted(known))}")
     done, current = [], []
     for name in views or sorted(known):
-        start = known[name].most_recent_end_time or datetime(1970, 1, 1, tzinfo=timezone.utc)  # Feast's own first start, now - ttl, misses older data
+        start = start_at or known[name].most_recent_end_time or datetime(1970, 1, 1, tzinfo=timezone.utc)  # Feast's own first start, now - ttl, misses older data
         if start >= end: current.append(name); continue
         with contextlib.redirect_stdout(sys.stderr):  # Feast prints its progress; results go to stdout only from the CLI
             try: store.materialize(start_date=start, end_date=end, feature_views=[name])
