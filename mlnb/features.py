@@ -13,8 +13,8 @@ from .pipeline import notebook_digest
 
 # %% auto #0
 __all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions', 'ensure_applied', 'list_views',
-           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines', 'skew', 'serving_spec',
-           'OnlineLookup', 'serving_lookup']
+           'training_frame', 'write_source', 'materialize', 'online_features', 'freshness', 'freshness_lines', 'skew',
+           'serving_spec', 'OnlineLookup', 'serving_lookup']
 
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
@@ -168,6 +168,28 @@ def training_frame(entity_df,                    # one row per training example:
     out = df.merge(got, on=by, how="left").sort_values("_mlnb_row").drop(columns="_mlnb_row")
     if timestamp != "event_timestamp": out = out.rename(columns={"event_timestamp": timestamp})
     return out.reset_index(drop=True)
+
+# %% ../nbs/18_features.ipynb #b3d9f4a6
+def write_source(df,                        # the rows the view reads: its join keys, timestamp field and features
+                 view: str,                 # the feature view whose file source it is
+                 cfg: Config | None = None, # default: the project of the running stage
+                ) -> Path:
+    "Write `df` as the Parquet file the file source of feature view `view` reads (relative to the project); unchanged content is not rewritten."
+    import os, pandas as pd
+    if cfg is None:
+        from mlnb.stage import context
+        cfg = load_config(context().get("project"))
+    views = {v.name: v for v in load_definitions(cfg)["feature_views"]}
+    if view not in views: raise NotFound(f"no feature view '{view}'; feature views: {', '.join(sorted(views))}")
+    rel = getattr(views[view].batch_source, "path", None)
+    if not rel: raise ConfigError(f"feature view '{view}' does not read a file (its source is {type(views[view].batch_source).__name__})")
+    path = cfg.root / rel
+    df = df.reset_index(drop=True)
+    if path.is_file() and pd.read_parquet(path).equals(df): return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False); os.replace(tmp, path)  # whole or not at all, for a reader in another process
+    return path
 
 # %% ../nbs/18_features.ipynb #8e3e8493
 def _utc(ts) -> datetime:
