@@ -26,7 +26,7 @@ sys.dont_write_bytecode, sys.pycache_prefix = False, os.environ["PYTHONPYCACHEPR
 MLNB = [sys.executable, "-c", "from mlnb.cli import main; main()"]
 TRIVIAL = "from mlnb import stage\ny = sum(range(1000)) + n\nstage.save('out', {'y': y})"
 SCRIPT = "import json, sys\nn = int(sys.argv[1])\ny = sum(range(1000)) + n\njson.dump({'y': y}, open(sys.argv[2], 'w'))"
-STAGES = ["ingest", "validate", "features", "train", "evaluate", "gate", "register"]
+STAGES = ["ingest", "examples", "validate", "features", "train", "evaluate", "gate", "register"]
 
 
 def timed(fns: dict, repeat: int) -> dict:
