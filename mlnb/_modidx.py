@@ -138,6 +138,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlnb.contracts.unexpected_columns': ('contracts.html#unexpected_columns', 'mlnb/contracts.py'),
                                 'mlnb.contracts.validate_frame': ('contracts.html#validate_frame', 'mlnb/contracts.py')},
             'mlnb.data': { 'mlnb.data._choice': ('data.html#_choice', 'mlnb/data.py'),
+                           'mlnb.data._population': ('data.html#_population', 'mlnb/data.py'),
                            'mlnb.data._snapshots': ('data.html#_snapshots', 'mlnb/data.py'),
                            'mlnb.data.generate_accounts': ('data.html#generate_accounts', 'mlnb/data.py'),
                            'mlnb.data.generate_transactions': ('data.html#generate_transactions', 'mlnb/data.py')},

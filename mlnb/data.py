@@ -4,13 +4,14 @@
 
 # %% ../nbs/15_data.ipynb #0002
 from __future__ import annotations
+import math
 import numpy as np
 import pandas as pd
 from .errors import ConfigError
 
 # %% auto #0
 __all__ = ['MERCHANTS', 'CHANNELS', 'REGIONS', 'AGE_BANDS', 'ACCOUNT_FEATURES', 'FEATURES', 'CATEGORICAL', 'TARGET', 'SENSITIVE',
-           'START', 'DAYS', 'generate_accounts', 'generate_transactions']
+           'START', 'N_ACCOUNTS', 'HISTORY_DAYS', 'generate_accounts', 'generate_transactions']
 
 # %% ../nbs/15_data.ipynb #0005
 MERCHANTS = ["grocery", "fuel", "restaurant", "electronics", "travel", "online_retail", "entertainment"]
@@ -22,30 +23,40 @@ FEATURES = ["amount", "hour", "distance_km", *ACCOUNT_FEATURES, "merchant_catego
 CATEGORICAL = ["merchant_category", "channel", "region", "age_band"]
 TARGET = "is_fraud"
 SENSITIVE = "age_band"
-START = pd.Timestamp("2026-01-01", tz="UTC")  # the first day of the data
-DAYS = 3  # the days it spans
+START = pd.Timestamp("2026-01-01", tz="UTC")  # the first day of the labelled transactions
+N_ACCOUNTS = 2500  # the accounts (`account_id` 1 to 2500)
+HISTORY_DAYS = 3   # the accounts' activity before START that their snapshots count
 
 def _choice(rng, options, p, n):
     p = np.asarray(p, float); return np.asarray(options, dtype=object)[rng.choice(len(options), size=n, p=p / p.sum())]
 
 # %% ../nbs/15_data.ipynb #0006
-def _snapshots(acc, t, amount, opened, prior) -> pd.DataFrame:
-    "Each account's snapshot at the start (`t` 0) and a second after each of its transactions (`t`: seconds since `START`)."
+def _population(d: float) -> tuple:
+    "The accounts, the same for every seed: days open at START, transactions a day, log of their typical amount."
+    rng = np.random.default_rng(20260101)
+    opened = rng.integers(1, 3650, N_ACCOUNTS) + HISTORY_DAYS  # open before their history starts
+    busy = rng.gamma(4.0, 1.0, N_ACCOUNTS) * .15 * (3 + 2 * d)
+    spend = 3.4 + .5 * d + .6 * rng.normal(size=N_ACCOUNTS)
+    return opened, busy, spend
+
+def _snapshots(acc, t, amount, opened, usual) -> pd.DataFrame:
+    "Each account's snapshot at the start of its history and a second after each of its transactions (`t`: seconds since START)."
     n = len(acc)
     o = np.lexsort((np.arange(n), t, acc))  # by account, then time
     a, ts, amt = acc[o], t[o] + 1, amount[o]
-    key = a * (DAYS + 2) * 86400 + ts  # accounts far apart: a search on the key stays inside one account
+    key = a * 1_000_000_000 + ts  # accounts far apart: a search on the key stays inside one account
     n_tx = np.arange(n) - np.searchsorted(key, key - 86400, side="right") + 1  # its transactions in the 24 hours up to the snapshot
     first = np.maximum.accumulate(np.where(np.r_[True, a[1:] != a[:-1]], np.arange(n), 0))  # where each account's run starts
     total = np.cumsum(amt) - np.where(first > 0, np.cumsum(amt)[first - 1], 0)
-    usual = (prior[a] + total) / (np.arange(n) - first + 2)  # the mean amount, the account's history before START counted once
-    snap = pd.DataFrame({"account_id": np.r_[np.arange(len(opened)), a], "t": np.r_[np.zeros(len(opened), np.int64), ts],
-                         "n_tx_24h": np.r_[np.zeros(len(opened), np.int64), n_tx], "usual_amount": np.round(np.r_[prior, usual], 2)})
+    mean = (20 * usual[a] + total) / (np.arange(n) - first + 21)  # the mean amount; its long history weighs as 20 transactions
+    m = len(opened)
+    snap = pd.DataFrame({"account_id": np.r_[np.arange(m), a], "t": np.r_[np.full(m, -HISTORY_DAYS * 86400), ts],
+                         "n_tx_24h": np.r_[np.zeros(m, np.int64), n_tx], "usual_amount": np.round(np.r_[usual, mean], 2)})
     snap["account_age_days"] = opened[snap.account_id] + snap.t // 86400
     # transactions in the same second: one snapshot, the one after both
     return snap.drop_duplicates(["account_id", "t"], keep="last").sort_values(["t", "account_id"], kind="stable").reset_index(drop=True)
 
-def generate_accounts(n: int = 20_000,   # transactions
+def generate_accounts(n: int = 20_000,   # labelled transactions
                       seed: int = 0,      # same seed, same data
                       drift: float = 0.0, # 0 = training distribution, 1 = strongly drifted production data
                      ) -> tuple:
@@ -54,19 +65,24 @@ def generate_accounts(n: int = 20_000,   # transactions
     if not isinstance(n, (int, np.integer)) or n < 1: raise ConfigError(f"n = {n!r} must be a positive integer")
     if not 0 <= float(drift) <= 1: raise ConfigError(f"drift = {drift!r} must be between 0 and 1")
     rng, d = np.random.default_rng(seed), float(drift)
-    # accounts: about 8 transactions each (more with drift: busier accounts), how long open, how busy, what they spend
-    n_acc = max(1, round(n * 3 / (8 * (3 + 2 * d))))
-    opened, busy, spend = rng.integers(1, 3650, n_acc), rng.gamma(4.0, 1.0, n_acc), rng.normal(3.4 + .5 * d, .6, n_acc)
-    acc = rng.choice(n_acc, size=n, p=busy / busy.sum())
+    opened, busy, spend = _population(d)
+    days = max(1, math.ceil(1.25 * n / busy.sum()))  # long enough for the accounts to make n transactions and more
+    while True:  # the accounts' activity: HISTORY_DAYS before START, then `days` days
+        acc = np.repeat(np.arange(N_ACCOUNTS), rng.poisson(busy * (days + HISTORY_DAYS)))
+        m = len(acc)
+        hour = ((rng.normal(14, 4.5, m) + d * rng.choice([0, 9], m, p=[.6, .4])) % 24).astype(np.int64)
+        t = rng.integers(-HISTORY_DAYS, days, m) * 86400 + hour * 3600 + rng.integers(0, 3600, m)  # seconds since START
+        if (t >= 0).sum() >= n: break
+        days += 1
+    amount = np.round(np.exp(spend[acc] + rng.normal(0, .8 + .2 * d, m)), 2)
+    snap = _snapshots(acc, t, amount, opened, np.exp(spend + (.8 + .2 * d) ** 2 / 2))
+    pick = rng.permutation(rng.choice(np.flatnonzero(t >= 0), size=n, replace=False))  # the labelled ones: a sample from START on
+    acc, t, amount, hour = acc[pick], t[pick], amount[pick], hour[pick]
     merchant = _choice(rng, MERCHANTS, [.25, .12, .18, .1 + .1 * d, .06 + .06 * d, .19 + .2 * d, .1], n)
     channel = _choice(rng, CHANNELS, [.4 - .15 * d, .3, .12 - .05 * d, .18 + .2 * d], n)
     region = _choice(rng, REGIONS, [.22, .2, .2, .18, .2], n)
     age = _choice(rng, AGE_BANDS, [.15, .38, .32, .15], n)
-    amount = np.round(np.exp(spend[acc] + rng.normal(0, .8 + .2 * d, n)), 2)
-    hour = ((rng.normal(14, 4.5, n) + d * rng.choice([0, 9], n, p=[.6, .4])) % 24).astype(np.int64)
     distance = np.round(rng.gamma(1.5, 8 + 10 * d, n), 2)
-    t = rng.integers(0, DAYS, n) * 86400 + hour * 3600 + rng.integers(0, 3600, n)  # seconds since START
-    snap = _snapshots(acc, t, amount, opened, np.exp(spend))
     # what the account looked like at each transaction: its newest snapshot written at or before it
     seen = pd.merge_asof(pd.DataFrame({"t": t, "account_id": acc, "row": np.arange(n)}).sort_values("t", kind="stable"),
                          snap, on="t", by="account_id").sort_values("row")
