@@ -114,6 +114,21 @@ def test_every_stage_result_is_audited(reference):
     assert decision["data"]["passed"] and decision["data"]["action"] == "promoted" and "fairness_equalized_odds" in decision["data"]["gates"]
 
 
+def test_a_changed_feature_definition_reruns_the_stages_that_read_the_store(reference):
+    "examples (it calls training_frame) and register (it declares the definitions); the same examples: the rest is reused."
+    d, _ = reference
+    nb = d / "nbs/pipeline/_features.ipynb"
+    before = nb.read_text()
+    try:
+        nb.write_text(before.replace("ttl=timedelta(days=30)", "ttl=timedelta(days=40)"))
+        assert "days=40" in nb.read_text()
+        rec = run_json(d, "run", timeout=600)
+        assert statuses(rec) == {**{s: "cached" for s in STAGES}, "examples": "done", "register": "done"}, statuses(rec)
+        assert run_json(d, "features", "list")[0]["ttl"].startswith("40 days")
+    finally:
+        nb.write_text(before)
+
+
 def test_reproduce_the_reference_run(reference):
     d, rec = reference
     p = run_mlnb(d, "reproduce", rec["run_id"], "--json", timeout=900)
