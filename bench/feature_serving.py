@@ -71,7 +71,7 @@ def main():
     lines = [f"# Serving from the feature store ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, c=16, {a.seconds} s per point, "
              f"median of {a.rounds} alternating rounds; wrk throughput, hey latency)", "",
              "The reference model's bento: `n_tx_24h`, `account_age_days` and `usual_amount` in its Feast feature view keyed by `account_id` "
-             f"({N_ACCOUNTS:,} accounts materialized into the SQLite online store by the register stage); the same server for both kinds of request.", "",
+             f"({N_ACCOUNTS:,} accounts materialized into the SQLite online store by the pipeline); the same server for both kinds of request.", "",
              "| request | req/s | × baseline | p50 ms | p99 ms | non-2xx |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in med.items():
         lines.append(f"| {name} | {r['rps']:.0f} | {r['rps'] / base['rps']:.2f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} |")
