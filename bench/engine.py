@@ -26,7 +26,7 @@ sys.dont_write_bytecode, sys.pycache_prefix = False, os.environ["PYTHONPYCACHEPR
 MLNB = [sys.executable, "-c", "from mlnb.cli import main; main()"]
 TRIVIAL = "from mlnb import stage\ny = sum(range(1000)) + n\nstage.save('out', {'y': y})"
 SCRIPT = "import json, sys\nn = int(sys.argv[1])\ny = sum(range(1000)) + n\njson.dump({'y': y}, open(sys.argv[2], 'w'))"
-STAGES = ["ingest", "validate", "features", "train", "evaluate", "gate", "register"]
+STAGES = ["ingest", "examples", "validate", "features", "train", "evaluate", "gate", "register"]
 
 
 def timed(fns: dict, repeat: int) -> dict:
@@ -172,7 +172,7 @@ def floor(project: Path) -> dict:
 def bench_reference(repeat):
     d = reference_project()
     f = reference_project()  # the floor's own project: its own store, its own registry
-    def bare():  # the same seven notebooks run by papermill one after another, each reading its upstream's latest products
+    def bare():  # the same notebooks (STAGES) run by papermill one after another, each reading its upstream's latest products
         import papermill as pm
         os.environ["MLNB_PROJECT"] = str(d)
         try:
@@ -241,7 +241,7 @@ def main():
     cached = r["reference pipeline fully cached (mlnb run)"][0]
     py = r["python interpreter start (python -c pass)"][0]
     runs = lambda k: ", ".join(f"{x:.2f}" for x in r[k][1])
-    lines += ["", "## (b) and (c) The reference pipeline (7 stages)", "", "| what | s | ratio | each run s |", "| --- | ---: | --- | --- |",
+    lines += ["", f"## (b) and (c) The reference pipeline ({len(STAGES)} stages)", "", "| what | s | ratio | each run s |", "| --- | ---: | --- | --- |",
               f"| (c) cold, `mlnb run --force` | {cold:.2f} | **{cold / flo:.2f} × the floor**; {cold / bare:.2f} × bare papermill on each notebook | {runs('reference pipeline cold (mlnb run --force)')} |",
               f"| bare papermill on each notebook (baseline) | {bare:.2f} | {bare / flo:.2f} × the floor | {runs('reference pipeline, bare papermill on each notebook')} |",
               f"| the floor: the stage code in one Python process (baseline) | {flo:.2f} | 1.00 | {runs('reference pipeline, floor: its stage code in one Python process')} |",

@@ -776,8 +776,10 @@ def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
     console = Console(stderr=True)
     progress = _progress(console)  # the stage lines `mlnb run` shows
 
-    def checked(res):  # the verdict is out (report written, incident recorded) before any retraining starts
+    stale = []
+    def checked(res):  # the verdict (with the feature store's freshness) is out, report written, incident recorded, before any retraining starts
         if not as_json: click.echo("\n".join(_drift_lines(cfg, res)))
+        stale.append(_stale_features(cfg, res, as_json))
         sys.stdout.flush()
 
     def on_event(e):
@@ -792,7 +794,7 @@ def monitor(ctx, data, log_dir, window, labels, out, retrain, as_json):
         line = _retrain_line(cfg, res["retrain"])
         if as_json: console.print(line, highlight=False, soft_wrap=True, markup=False)
         else: click.echo(line)
-    stale = _stale_features(cfg, res, as_json)
+    stale = stale[0] if stale else _stale_features(cfg, res, as_json)
     if as_json: _out(res, True, "")
     if res["alert"] or stale: sys.exit(DRIFT_EXIT)
 

@@ -13,8 +13,8 @@ from .pipeline import notebook_digest
 
 # %% auto #0
 __all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions', 'ensure_applied', 'list_views',
-           'training_frame', 'materialize', 'online_features', 'freshness', 'freshness_lines', 'skew', 'serving_spec',
-           'OnlineLookup', 'serving_lookup']
+           'training_frame', 'write_source', 'materialize', 'online_features', 'load_online', 'online_holds',
+           'freshness', 'freshness_lines', 'skew', 'serving_spec', 'OnlineLookup', 'serving_lookup']
 
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
@@ -186,14 +186,43 @@ def training_frame(entity_df,                    # one row per training example:
         raise ConfigError(f"entity_df has no column '{timestamp}' (the event time of each row); columns: {', '.join(map(str, entity_df.columns))}")
     df = entity_df.rename(columns={timestamp: "event_timestamp"}) if timestamp != "event_timestamp" else entity_df
     df = df.assign(event_timestamp=pd.to_datetime(df["event_timestamp"], utc=True), _mlnb_row=range(len(df)))
-    try: got = store.get_historical_features(entity_df=df, features=refs).to_df()
+    # the file store keeps one row per entity and time: two examples of one entity at one time (two transactions of an
+    # account in the same second) are asked once. Views' keys only: an on-demand view reads the rows' own fields too.
+    views = {v.name: v for v in store.list_feature_views()}
+    keys = [k for r in refs if r.split(":")[0] in views for k in views[r.split(":")[0]].join_keys]
+    by = list(dict.fromkeys([*keys, "event_timestamp"])) if all(r.split(":")[0] in views for r in refs) and set(keys) <= set(df.columns) else ["_mlnb_row"]
+    ask = df[by].drop_duplicates().assign(_mlnb_ask=lambda x: range(len(x))) if by != ["_mlnb_row"] else df.assign(_mlnb_ask=df["_mlnb_row"])
+    try: got = store.get_historical_features(entity_df=ask, features=refs).to_df()
     except MlnbError: raise
     except Exception as e: raise ConfigError(f"training data from the feature store failed: {type(e).__name__}: {e}") from e
     names = [r.split(":", 1)[1] for r in refs]
     # every entity row comes back, in its order: the file store drops rows without any feature value at their time
-    out = df.merge(got[["_mlnb_row", *names]], on="_mlnb_row", how="left").sort_values("_mlnb_row").drop(columns="_mlnb_row")
+    got = ask[[*by, "_mlnb_ask"]].merge(got[["_mlnb_ask", *names]], on="_mlnb_ask", how="left").drop(columns="_mlnb_ask")
+    out = df.merge(got, on=by, how="left").sort_values("_mlnb_row").drop(columns="_mlnb_row")
     if timestamp != "event_timestamp": out = out.rename(columns={"event_timestamp": timestamp})
     return out.reset_index(drop=True)
+
+# %% ../nbs/18_features.ipynb #b3d9f4a6
+def write_source(df,                        # the rows the view reads: its join keys, timestamp field and features
+                 view: str,                 # the feature view whose file source it is
+                 cfg: Config | None = None, # default: the project of the running stage
+                ) -> Path:
+    "Write `df` as the Parquet file the file source of feature view `view` reads (relative to the project); unchanged content is not rewritten."
+    import os, pandas as pd
+    if cfg is None:
+        from mlnb.stage import context
+        cfg = load_config(context().get("project"))
+    views = {v.name: v for v in load_definitions(cfg)["feature_views"]}
+    if view not in views: raise NotFound(f"no feature view '{view}'; feature views: {', '.join(sorted(views))}")
+    rel = getattr(views[view].batch_source, "path", None)
+    if not rel: raise ConfigError(f"feature view '{view}' does not read a file (its source is {type(views[view].batch_source).__name__})")
+    path = cfg.root / rel
+    df = df.reset_index(drop=True)
+    if path.is_file() and pd.read_parquet(path).equals(df): return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False); os.replace(tmp, path)  # whole or not at all, for a reader in another process
+    return path
 
 # %% ../nbs/18_features.ipynb #8e3e8493
 def _utc(ts) -> datetime:
@@ -206,20 +235,21 @@ def _utc(ts) -> datetime:
 def materialize(cfg: Config,
                 end: datetime | str | None = None,   # load values written up to this time (default: now)
                 views: list | None = None,           # default: every feature view
+                start: datetime | str | None = None, # load values written from this time (default: where the view's last materialization ended)
                ) -> dict:
-    "Load the newest feature values up to `end` into the online store (each view from where its last materialization ended, or from the start)."
-    end = _utc(end)
+    "Load the newest feature values up to `end` into the online store (each view from `start`, or from where its last materialization ended, or from the start)."
+    end, start_at = _utc(end), _utc(start) if start is not None else None
     ensure_applied(cfg)
     with _store_lock(cfg):  # one materialization at a time, each view going on from where the last one ended
-        return _materialize(open_store(cfg), end, views)
+        return _materialize(open_store(cfg), end, views, start_at)
 
-def _materialize(store, end: datetime, views: list | None) -> dict:
+def _materialize(store, end: datetime, views: list | None, start_at: datetime | None) -> dict:
     known = {v.name: v for v in store.list_feature_views()}
     for v in views or []:
         if v not in known: raise NotFound(f"no feature view '{v}'; feature views: {', '.join(sorted(known))}")
     done, current = [], []
     for name in views or sorted(known):
-        start = known[name].most_recent_end_time or datetime(1970, 1, 1, tzinfo=timezone.utc)  # Feast's own first start, now - ttl, misses older data
+        start = start_at or known[name].most_recent_end_time or datetime(1970, 1, 1, tzinfo=timezone.utc)  # Feast's own first start, now - ttl, misses older data
         if start >= end: current.append(name); continue
         with contextlib.redirect_stdout(sys.stderr):  # Feast prints its progress; results go to stdout only from the CLI
             try: store.materialize(start_date=start, end_date=end, feature_views=[name])
@@ -261,6 +291,37 @@ def online_features(cfg: Config,
         raise NotFound(f"the online store has no features for {', '.join(f'{k}={v}' for k, v in row.items())} "
                        "(an unknown entity, or values not materialized yet: mlnb features materialize)")
     return {**row, **values}
+
+# %% ../nbs/18_features.ipynb #e6f3c9a2
+def load_online(df,                        # the view's rows: its join keys, timestamp field and features
+                view: str,                 # the feature view
+                cfg: Config | None = None, # default: the project of the running stage
+               ) -> dict:
+    "Write `df` as the file source of `view` and materialize its whole time span: the online store then holds each entity's newest row of `df`."
+    import pandas as pd
+    if cfg is None:
+        from mlnb.stage import context
+        cfg = load_config(context().get("project"))
+    write_source(df, view, cfg)
+    field = {v.name: v for v in load_definitions(cfg)["feature_views"]}[view].batch_source.timestamp_field
+    ts = pd.to_datetime(df[field], utc=True)
+    out = materialize(cfg, start=ts.min().to_pydatetime(), end=(ts.max() + pd.Timedelta(seconds=1)).to_pydatetime(), views=[view])
+    f = cfg.feature_store_dir / "loaded.json"
+    loaded = json.loads(f.read_text()) if f.is_file() else {}
+    f.write_text(json.dumps({**loaded, view: _rows_key(cfg, df)}, indent=1))
+    return out
+
+def _rows_key(cfg: Config, df) -> str:
+    "The content of `df` and the definitions it was loaded with, in one digest."
+    import hashlib, pandas as pd
+    rows = pd.util.hash_pandas_object(df.reset_index(drop=True), index=False).to_numpy().tobytes()
+    return hashlib.sha256(rows + json.dumps(list(map(str, df.columns))).encode() + definitions_digest(cfg).encode()).hexdigest()
+
+def online_holds(df, view: str, cfg: Config) -> bool:
+    "Did `load_online` load exactly `df` into `view` with the current definitions? (Without importing Feast: a stage may skip the 4 s.)"
+    f = cfg.feature_store_dir / "loaded.json"
+    if not f.is_file() or not (cfg.feature_store_dir / "online.db").is_file(): return False
+    return json.loads(f.read_text()).get(view) == _rows_key(cfg, df)
 
 # %% ../nbs/18_features.ipynb #d2817d13
 def freshness(cfg: Config,

@@ -6,7 +6,7 @@ from conftest import ROOT, run_json, run_mlnb, statuses
 
 pytestmark = pytest.mark.slow  # one project built up test after test: a registered model, a bento, a served service
 
-STAGES = {"ingest", "validate", "features", "train", "evaluate", "gate", "register"}
+STAGES = {"ingest", "examples", "validate", "features", "train", "evaluate", "gate", "register"}
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def reference(reference_run):
 def test_runs_end_to_end_and_registers_a_model(reference):
     d, rec = reference
     assert set(rec["stages"]) == STAGES and set(statuses(rec).values()) == {"done"}
-    assert list(rec["stages"])[:4] == ["ingest", "validate", "features", "train"] and list(rec["stages"])[-1] == "register"
+    assert list(rec["stages"])[:5] == ["ingest", "examples", "validate", "features", "train"] and list(rec["stages"])[-1] == "register"
     metrics = json.loads((Path(rec["stages"]["evaluate"]["entry"]) / "metrics.json").read_text())
     assert metrics["roc_auc"] > 0.8 and 0 < metrics["pr_auc"] < 1 and 0 < metrics["f1"] < 1
     mv = json.loads((Path(rec["stages"]["register"]["entry"]) / "model_version.json").read_text())
@@ -49,6 +49,20 @@ def test_runs_end_to_end_and_registers_a_model(reference):
     assert sk.predict_proba(batch).shape == (50, 2)
 
 
+def test_examples_have_the_account_features_of_their_time(reference):
+    "Feast's point-in-time join of 20,000 transactions gives each the features its label was drawn from (the newest snapshot at or before it)."
+    import pandas as pd
+    from mlnb.data import ACCOUNT_FEATURES, generate_transactions
+    d, rec = reference
+    examples = pd.read_parquet(Path(rec["stages"]["examples"]["entry"]) / "examples.parquet")
+    truth = generate_transactions(20000, seed=42)  # ingest's defaults
+    assert len(examples) == 20000 and not examples[ACCOUNT_FEATURES].isna().any().any()
+    pd.testing.assert_frame_equal(examples[["tx_id", *ACCOUNT_FEATURES]], truth[["tx_id", *ACCOUNT_FEATURES]])
+    # the model's features are the same columns as the contract's; the account key and the event time are not among them
+    assert (d / ".mlnb/data/account_snapshots.parquet").is_file()
+    assert run_json(d, "features", "get", "account_id=7")["n_tx_24h"] >= 0  # register loaded the online store
+
+
 def test_rerun_reuses_everything_and_registers_nothing_new(reference):
     d, first = reference
     again = run_json(d, "run", "--wait-tracking")
@@ -61,7 +75,7 @@ def test_rerun_reuses_everything_and_registers_nothing_new(reference):
 def test_param_change_retrains_from_the_stage_it_reaches(reference):
     d, first = reference
     rec = run_json(d, "run", "-p", "learning_rate=0.1", timeout=600)
-    assert statuses(rec) == {"ingest": "cached", "validate": "cached", "features": "cached",
+    assert statuses(rec) == {"ingest": "cached", "examples": "cached", "validate": "cached", "features": "cached",
                              "train": "done", "evaluate": "done", "gate": "done", "register": "done"}
     mv = json.loads((Path(rec["stages"]["register"]["entry"]) / "model_version.json").read_text())
     assert mv["version"] == 2
@@ -91,7 +105,7 @@ def test_every_stage_result_is_audited(reference):
     d, rec = reference
     evs = run_json(d, "audit", "--ref", f"run={rec['run_id']}")
     kinds = [e["kind"] for e in evs]
-    assert kinds[0] == "run.started" and kinds[-1] == "run.finished" and kinds.count("stage.finished") == 7
+    assert kinds[0] == "run.started" and kinds[-1] == "run.finished" and kinds.count("stage.finished") == 8
     assert {e["refs"]["stage"]: e["data"]["status"] for e in evs if e["kind"] == "stage.finished"} == {s: "done" for s in STAGES}
     assert "model.registered" in kinds and "gate.decision" in kinds
     promoted = run_json(d, "audit", "--kind", "model.promoted", "--ref", "version=1")
@@ -100,13 +114,28 @@ def test_every_stage_result_is_audited(reference):
     assert decision["data"]["passed"] and decision["data"]["action"] == "promoted" and "fairness_equalized_odds" in decision["data"]["gates"]
 
 
+def test_a_changed_feature_definition_reruns_the_stages_that_read_the_store(reference):
+    "examples (it calls training_frame) and register (it declares the definitions); the same examples: the rest is reused."
+    d, _ = reference
+    nb = d / "nbs/pipeline/_features.ipynb"
+    before = nb.read_text()
+    try:
+        nb.write_text(before.replace("ttl=timedelta(days=30)", "ttl=timedelta(days=40)"))
+        assert "days=40" in nb.read_text()
+        rec = run_json(d, "run", timeout=600)
+        assert statuses(rec) == {**{s: "cached" for s in STAGES}, "examples": "done", "register": "done"}, statuses(rec)
+        assert run_json(d, "features", "list")[0]["ttl"].startswith("40 days")
+    finally:
+        nb.write_text(before)
+
+
 def test_reproduce_the_reference_run(reference):
     d, rec = reference
     p = run_mlnb(d, "reproduce", rec["run_id"], "--json", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr
     rep = json.loads(p.stdout)
     by = {s["stage"]: s for s in rep["stages"]}
-    for name in ("ingest", "validate", "features", "train", "evaluate"):  # the model's bytes too: skops files are canonical
+    for name in ("ingest", "examples", "validate", "features", "train", "evaluate"):  # the model's bytes too: skops files are canonical
         assert by[name]["equal"] and by[name]["key_equal"], by[name]
     assert not by["gate"]["deterministic"] and not by["register"]["deterministic"]
     assert rep["data_digest"]["equal"] and rep["source"] == {"from": "git", "commit": rec["git"]["commit"], "dirty": False}

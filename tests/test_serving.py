@@ -382,7 +382,7 @@ def test_lineage_of_a_served_prediction_reaches_its_notebooks(served):
     from mlnb.config import load_config
     rec = load_run(load_config(d), run["run_id"])
     assert ln["data_digest"] == rec["data_digest"] and ln["git"]["commit"] == rec["git"]["commit"] and len(ln["git"]["commit"]) == 40
-    assert [s["stage"] for s in ln["stages"]] == ["ingest", "validate", "features", "train", "evaluate", "gate", "register"]
+    assert [s["stage"] for s in ln["stages"]] == ["ingest", "examples", "validate", "features", "train", "evaluate", "gate", "register"]
     for s in ln["stages"]:
         assert s["cache_key"] == rec["stages"][s["stage"]]["key"]
         nb = json.loads((d / s["notebook"]).read_text())  # the executed notebook, as papermill left it, at the path JupyterLab opens
@@ -545,13 +545,7 @@ def test_fuzz_1000_bad_requests_never_5xx(served):
 
 # --- serving from the feature store: account-level features looked up by account_id ---
 
-ACCOUNT_FEATURES = ["n_tx_24h", "account_age_days"]
-FEATURE_DEFINITIONS = [
-    "from datetime import timedelta\nfrom feast import Entity, FeatureView, Field, FileSource, ValueType\nfrom feast.types import Int64",
-    'account = Entity(name="account", join_keys=["account_id"], value_type=ValueType.INT64)',
-    'account_stats = FeatureView(name="account_stats", entities=[account], ttl=timedelta(days=30),\n'
-    '    schema=[Field(name="n_tx_24h", dtype=Int64), Field(name="account_age_days", dtype=Int64)],\n'
-    '    source=FileSource(path="data/account_stats.parquet", timestamp_field="ts"))']
+from mlnb.data import ACCOUNT_FEATURES  # n_tx_24h, account_age_days, usual_amount: the reference looks them up by account_id
 
 
 def start_server(project, tag, log, env=None):
@@ -573,25 +567,20 @@ def start_server(project, tag, log, env=None):
 
 @pytest.fixture(scope="module")
 def feature_served(tmp_path_factory, reference_run):
-    "The reference project with feature definitions (n_tx_24h and account_age_days by account_id), materialized, its bento served."
+    """The reference project, whose account features come from its feature store (register materialized them), its bento
+    served; six records of its transactions, each with the account features the online store has for its account."""
     import pandas as pd
-    from conftest import git
+    from mlnb.data import generate_accounts
     d = reference_project_reusing(tmp_path_factory.mktemp("feature-serving"), reference_run)
-    recs = records(6, seed=12)
-    accounts = list(range(101, 101 + len(recs)))
-    (d / "data").mkdir(exist_ok=True)
-    pd.DataFrame({"account_id": accounts, "ts": pd.Timestamp("2026-01-01", tz="UTC"),
-                  **{f: [r[f] for r in recs] for f in ACCOUNT_FEATURES}}).to_parquet(d / "data/account_stats.parquet")
-    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": s}
-                    for i, s in enumerate(FEATURE_DEFINITIONS)], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    (d / "nbs/features.ipynb").write_text(json.dumps(nb, indent=1))
-    git(d, "add", "-A"); git(d, "commit", "-qm", "feature definitions")
-    assert run_json(d, "features", "materialize", "--end", "2026-02-01")["views"] == ["account_stats"]
-    run_json(d, "run", "--jobs", "2", timeout=600)
+    run_json(d, "run", "--jobs", "2", timeout=600)  # register runs again (its version is not in this registry) and materializes
     built = run_json(d, "build", timeout=300)
     proc, url = start_server(d, built["tag"], d / "serve.log")
+    tx, snapshots = generate_accounts(20000, seed=42)  # the reference's data (ingest's defaults)
+    rows = tx.sample(6, random_state=1)
+    newest = snapshots.groupby("account_id").last()  # sorted by time: each account's newest snapshot, what the online store holds
+    recs = json.loads(rows.join(newest[ACCOUNT_FEATURES], on="account_id")[FEATURES].to_json(orient="records"))
     yield {"url": url, "project": d, "bento": built, "client": httpx.Client(base_url=url, timeout=30),
-           "records": recs, "accounts": accounts}
+           "records": recs, "accounts": [int(a) for a in rows.account_id]}
     os.killpg(proc.pid, 15)
     try: proc.wait(timeout=30)
     except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
@@ -616,16 +605,16 @@ def test_feature_store_request_with_only_the_key_answers_as_every_feature(featur
     assert full.status_code == 200 and looked_up.status_code == 200, (full.text, looked_up.text)
     assert looked_up.json()["predictions"] == full.json()["predictions"]
     # what a record carries itself wins over the store
-    rec = {**short(recs[0], accounts[0]), "n_tx_24h": recs[1]["n_tx_24h"], "account_age_days": recs[1]["account_age_days"]}
-    assert c.post("/predict", json=rec).json()["score"] == c.post("/predict", json={**recs[0], **{f: recs[1][f] for f in ACCOUNT_FEATURES}}).json()["score"]
+    rec = {**short(recs[0], accounts[0]), **{f: recs[1][f] for f in ACCOUNT_FEATURES[:2]}}  # usual_amount from the store
+    assert c.post("/predict", json=rec).json()["score"] == c.post("/predict", json={**recs[0], **{f: recs[1][f] for f in ACCOUNT_FEATURES[:2]}}).json()["score"]
 
 
 def test_feature_store_unknown_entity_is_a_422_naming_it(feature_served):
     c, recs, accounts = feature_served["client"], feature_served["records"], feature_served["accounts"]
-    r = c.post("/predict", json=short(recs[0], 999))
-    assert r.status_code == 422 and "the online store has no features for account_id=999" in r.json()["error"], r.text
-    r = c.post("/predict", json=[short(recs[0], accounts[0]), short(recs[1], 998)])
-    assert r.status_code == 422 and "record 1: account_id=998" in r.json()["error"], r.text
+    r = c.post("/predict", json=short(recs[0], 99999))
+    assert r.status_code == 422 and "the online store has no features for account_id=99999" in r.json()["error"], r.text
+    r = c.post("/predict", json=[short(recs[0], accounts[0]), short(recs[1], 99998)])
+    assert r.status_code == 422 and "record 1: account_id=99998" in r.json()["error"], r.text
     r = c.post("/predict", json={k: v for k, v in short(recs[0], 1).items() if k != "account_id"})
     assert r.status_code == 422 and "field 'account_id' is missing: it is the entity key" in r.json()["error"], r.text
     r = c.post("/predict", json=short(recs[0], "101"))
@@ -640,18 +629,18 @@ def test_feature_store_metadata_and_lineage_name_the_views(feature_served):
     meta = feature_served["client"].get("/metadata").json()
     digest = json.loads((d / ".mlnb/features/applied.json").read_text())["digest"]
     f = meta["features"]
-    assert [(v["name"], v["features"], v["join_keys"]) for v in f["views"]] == [("account_stats", ACCOUNT_FEATURES, ["account_id"])]
+    assert [(v["name"], v["features"], v["join_keys"]) for v in f["views"]] == [("account_features", ACCOUNT_FEATURES, ["account_id"])]
     assert f["digest"] == digest and f["entity_keys"] == ["account_id"] and f["unknown_entity"] == "refuse"
     assert "n_tx_24h" not in f["request_fields"] and "amount" in f["request_fields"]
-    assert meta["feature_views"] == ["account_stats"] and meta["feature_digest"] == digest
+    assert meta["feature_views"] == ["account_features"] and meta["feature_digest"] == digest
     assert (Path(feature_served["bento"]["path"]) / "src" / "feature_registry.db").is_file()  # the definitions served travel with the bento
     ln = run_json(d, "lineage", tag)
-    assert ln["bento"]["feature_views"] == ["account_stats"] and ln["bento"]["feature_digest"] == digest
-    assert "features from account_stats" in run_mlnb(d, "lineage", tag).stdout
+    assert ln["bento"]["feature_views"] == ["account_features"] and ln["bento"]["feature_digest"] == digest
+    assert "features from account_features" in run_mlnb(d, "lineage", tag).stdout
     # the OpenAPI document says what a caller may leave out: the store's features (then the key), nothing else
     body = feature_served["client"].get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     record = body["schema"]["oneOf"][0]
     assert set(record["required"]) == set(f["request_fields"]) and not set(ACCOUNT_FEATURES) & set(record["required"]), record["required"]
     assert record["properties"]["account_id"]["type"] == "integer" and "account_id" not in record["required"]
-    assert "looked up in the feature store (view `account_stats`, by account_id)" in record["properties"]["n_tx_24h"]["description"]
+    assert "looked up in the feature store (view `account_features`, by account_id)" in record["properties"]["n_tx_24h"]["description"]
     assert "may be left out if the record gives account_id" in feature_served["client"].get("/openapi.json").json()["paths"]["/predict"]["post"]["description"]
