@@ -172,7 +172,9 @@ def test_docs_describe_the_model_and_its_contract(served):
     from mlnb.serving import bento_settings
     from mlnb.config import load_config
     contract = bento_settings(load_config(served["project"]), served["bento"]["tag"])["fields"]
-    assert list(one["properties"]) == list(contract) == FEATURES and one["required"] == FEATURES and one["additionalProperties"] is False
+    # the reference serves its account features from the store: they may be left out, then the record gives account_id
+    assert list(one["properties"]) == [*contract, "account_id"] and list(contract) == FEATURES and one["additionalProperties"] is False
+    assert one["required"] == [f for f in FEATURES if f not in ACCOUNT_FEATURES] and one["properties"]["account_id"]["type"] == "integer"
     assert one["properties"]["channel"]["enum"] == contract["channel"]["allowed"] and one["properties"]["hour"]["type"] == "integer"
     assert (one["properties"]["amount"]["minimum"], one["properties"]["amount"]["maximum"]) == (contract["amount"]["ge"], contract["amount"]["le"])
     assert many["items"] == one and many["maxItems"] == 50  # MLNB_MAX_BATCH of the fixture

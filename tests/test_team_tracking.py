@@ -8,7 +8,7 @@ from conftest import MLNB, Served, git, reference_project, run_json, run_mlnb, s
 
 pytestmark = pytest.mark.slow
 
-RECORD = {"amount": 120.5, "hour": 3, "distance_km": 40.0, "n_tx_24h": 5, "account_age_days": 30,
+RECORD = {"amount": 120.5, "hour": 3, "distance_km": 40.0, "n_tx_24h": 5, "account_age_days": 30, "usual_amount": 35.0,
           "merchant_category": "electronics", "channel": "online", "region": "north", "age_band": "18-25"}
 
 
