@@ -165,6 +165,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.features._applied': ('features.html#_applied', 'mlnb/features.py'),
                                'mlnb.features._apply': ('features.html#_apply', 'mlnb/features.py'),
                                'mlnb.features._code_cells': ('features.html#_code_cells', 'mlnb/features.py'),
+                               'mlnb.features._default': ('features.html#_default', 'mlnb/features.py'),
                                'mlnb.features._definitions': ('features.html#_definitions', 'mlnb/features.py'),
                                'mlnb.features._feast': ('features.html#_feast', 'mlnb/features.py'),
                                'mlnb.features._feature_refs': ('features.html#_feature_refs', 'mlnb/features.py'),

@@ -137,7 +137,7 @@ SETTINGS = {
     "feature_definitions": _S(str, "", "the notebook of Feast definitions (entities, sources, feature views); default nbs/features.ipynb"),
     "feature_store": _S(str, "", "folder of the Feast registry and the SQLite online store (default: <state_dir>/features)"),
     "feature_max_age": _S(float, "(0, inf)", "seconds the online store's newest feature values may be old before `mlnb monitor` and `mlnb features freshness` alert"),
-    "unknown_entity": _S(str, ("refuse", "missing"), "a served request whose entity the online store does not know: refuse (a 422 naming it) or missing (its features stay missing, for the model's imputer)"),
+    "unknown_entity": _S(str, ("refuse", "missing", "default"), "a served request whose entity the online store does not know: refuse (a 422 naming it), missing (its features stay missing, for the model's imputer) or default (each feature's `mlnb.default` tag in the definitions)"),
 }
 
 # `MLNB_*` variables that are not settings

@@ -12,9 +12,10 @@ from .errors import ConfigError, MlnbError, NotFound
 from .pipeline import notebook_digest
 
 # %% auto #0
-__all__ = ['KINDS', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions', 'ensure_applied', 'list_views',
-           'training_frame', 'write_source', 'materialize', 'online_features', 'load_online', 'online_holds',
-           'freshness', 'freshness_lines', 'skew', 'serving_spec', 'OnlineLookup', 'serving_lookup']
+__all__ = ['KINDS', 'UNKNOWN_ENTITY', 'DEFAULT_TAG', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions',
+           'ensure_applied', 'list_views', 'training_frame', 'write_source', 'materialize', 'online_features',
+           'load_online', 'online_holds', 'freshness', 'freshness_lines', 'skew', 'serving_spec', 'OnlineLookup',
+           'serving_lookup']
 
 # %% ../nbs/18_features.ipynb #91e4f842
 KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "feature_services")
@@ -404,19 +405,35 @@ def serving_spec(cfg: Config,
     store = ensure_applied(cfg)
     views = []
     for v in sorted(store.list_feature_views(), key=lambda v: v.name):
-        feats = [f.name for f in v.features if f.name in fields]
-        if feats: views.append({"name": v.name, "version": _view_version(v), "join_keys": list(v.join_keys), "features": feats,
-                                "key_types": {c.name: str(c.dtype) for c in v.entity_columns}})
+        feats = [f for f in v.features if f.name in fields]
+        if feats: views.append({"name": v.name, "version": _view_version(v), "join_keys": list(v.join_keys), "features": [f.name for f in feats],
+                                "key_types": {c.name: str(c.dtype) for c in v.entity_columns},
+                                "defaults": {f.name: _default(v.name, f) for f in feats if DEFAULT_TAG in (f.tags or {})}})
     if not views: return None
     policy = cfg.extra.get("unknown_entity") or "refuse"
-    if policy not in ("refuse", "missing"):
-        raise ConfigError(f"unknown_entity = {policy!r} is not accepted; expected refuse (a 422 naming the entity) or missing (its features stay missing)")
+    if policy not in UNKNOWN_ENTITY:
+        raise ConfigError(f"unknown_entity = {policy!r} is not accepted; expected refuse (a 422 naming the entity), missing (its features "
+                          f"stay missing) or default (each feature's `{DEFAULT_TAG}` tag in the definitions)")
+    lacking = [f"{v['name']}:{f}" for v in views for f in v["features"] if f not in v["defaults"]]
+    if policy == "default" and lacking:
+        raise ConfigError(f"unknown_entity = default, but no default is declared for {', '.join(lacking)}; give each served feature one in "
+                          f"{cfg.feature_definitions.name}: Field(name=..., dtype=..., tags={{\"{DEFAULT_TAG}\": \"0\"}})")
     keys = sorted({k for v in views for k in v["join_keys"]})
     looked_up = {f for v in views for f in v["features"]}
     shutil.copy(cfg.feature_store_dir / "registry.db", Path(folder) / "feature_registry.db")
     return {"views": views, "entity_keys": keys, "request_fields": [f for f in fields if f not in looked_up and f not in keys],
             "digest": _applied(cfg).get("digest"), "unknown_entity": policy, "project": _project_name(cfg),
             "registry": "feature_registry.db", "online_store": str((cfg.feature_store_dir / "online.db").resolve()), "files": ["feature_registry.db"]}
+
+UNKNOWN_ENTITY = ("refuse", "missing", "default")  # what a service does with a request whose entity the online store does not know
+DEFAULT_TAG = "mlnb.default"  # a Field's tag in the definitions: the value a service uses for an unknown entity (unknown_entity = default)
+
+def _default(view: str, field):
+    "A feature's declared default (a Field tag, so text) as its type."
+    raw, t = field.tags[DEFAULT_TAG], str(field.dtype)
+    try: return int(raw) if "Int" in t else float(raw) if "Float" in t else (raw.lower() in ("1", "true", "yes")) if "Bool" in t else raw
+    except ValueError:
+        raise ConfigError(f"{view}:{field.name} has {DEFAULT_TAG} = {raw!r}, which is not a value of its type {t}") from None
 
 class OnlineLookup:
     "`lookup(records)`: the records, each that lacks a feature of the views filled in from the online store, in one read per call."
@@ -465,8 +482,11 @@ class OnlineLookup:
             r = dict(records[i])
             for v in self.spec["views"]:
                 values = {f: got[f][j] for f in v["features"]}
-                if all(x is None for x in values.values()) and self.spec.get("unknown_entity") != "missing":
-                    unknown.append(("record %d: " % i if many else "") + ", ".join(f"{k}={json.dumps(rows[j][k])}" for k in v["join_keys"]))
+                if all(x is None for x in values.values()):
+                    policy = self.spec.get("unknown_entity")
+                    if policy == "default": values = dict(v.get("defaults") or {})
+                    elif policy != "missing":
+                        unknown.append(("record %d: " % i if many else "") + ", ".join(f"{k}={json.dumps(rows[j][k])}" for k in v["join_keys"]))
                 for f, x in values.items(): r.setdefault(f, x)  # what the record carries itself wins
             out[i] = r
         if unknown:

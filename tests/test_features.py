@@ -159,3 +159,32 @@ def test_feast_leaves_the_processes_warning_filters_alone(store_project):
     p = subprocess.run([sys.executable, "-c", code, str(store_project)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == [], p.stdout
+
+
+def test_unknown_entities_get_the_defaults_the_definitions_declare(store_project, tmp_path):
+    """`unknown_entity = default`: a served record whose entity the online store does not know gets each feature's default,
+    declared with the feature in the definitions (a `mlnb.default` tag on its Field); a known entity gets its values, and a
+    build refuses the setting while a served feature declares no default."""
+    from mlnb.config import load_config
+    from mlnb.errors import ConfigError, NotFound
+    from mlnb import features
+    p = store_project
+    fields = {"n_tx_24h": {}, "usual_amount": {}, "amount": {}}
+    write_definitions(p, VIEW.replace('dtype=Int64)', 'dtype=Int64, tags={"mlnb.default": "0"})'))
+    (p / "settings.ini").write_text((p / "settings.ini").read_text() + "unknown_entity = default\n")
+    cfg = load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown_entity = default, but no default is declared for account_stats:usual_amount"):
+        features.serving_spec(cfg, fields, tmp_path)
+    write_definitions(p, VIEW.replace('dtype=Int64)', 'dtype=Int64, tags={"mlnb.default": "0"})')
+                             .replace('dtype=Float64)', 'dtype=Float64, tags={"mlnb.default": "12.5"})'))
+    features.materialize(cfg, end="2026-02-01")
+    spec = features.serving_spec(cfg, fields, tmp_path)
+    assert spec["unknown_entity"] == "default" and spec["views"][0]["defaults"] == {"n_tx_24h": 0, "usual_amount": 12.5}
+    lookup = features.OnlineLookup(spec, tmp_path)
+    got = lookup([{"account_id": 1, "amount": 3.0}, {"account_id": 404, "amount": 4.0}])
+    assert got == [{"account_id": 1, "amount": 3.0, "n_tx_24h": 99, "usual_amount": 50.0},
+                   {"account_id": 404, "amount": 4.0, "n_tx_24h": 0, "usual_amount": 12.5}]
+    (p / "settings.ini").write_text((p / "settings.ini").read_text().replace("unknown_entity = default", "unknown_entity = refuse"))
+    refuse = features.OnlineLookup(features.serving_spec(load_config(p), fields, tmp_path), tmp_path)
+    with pytest.raises(NotFound, match="account_id=404"):
+        refuse([{"account_id": 404, "amount": 4.0}])
