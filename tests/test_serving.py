@@ -626,6 +626,21 @@ def test_feature_store_unknown_entity_is_a_422_naming_it(feature_served):
     assert c.post("/predict", json=recs[0]).status_code == 200  # the service goes on
 
 
+def test_monitor_reports_the_stores_freshness_and_alerts_when_it_is_too_old(feature_served, tmp_path):
+    """With feature_max_age set, `mlnb monitor` reports each view's materialization age with its verdict and alerts (exit 3,
+    as on drift) when the online store's newest values are older than that; a generous limit does not alert on its own."""
+    d = feature_served["project"]
+    data = tmp_path / "traffic.parquet"
+    generate_transactions(400, seed=31)[FEATURES].to_parquet(data)
+    ok = run_mlnb(d, "monitor", "--data", str(data), "--json", env={"MLNB_FEATURE_MAX_AGE": "3e10"}, check=None)
+    res = json.loads(ok.stdout)
+    [view] = res["features"]
+    assert view["view"] == "account_features" and view["materialized_until"] and view["stale"] is False, view
+    assert ok.returncode == (3 if res["alert"] else 0), ok.stderr
+    stale = run_mlnb(d, "monitor", "--data", str(data), env={"MLNB_FEATURE_MAX_AGE": "60"}, check=3)
+    assert "feature view account_features: materialized until " in stale.stdout and "STALE: older than feature_max_age = 60 s" in stale.stdout, stale.stdout
+
+
 def test_feature_store_metadata_and_lineage_name_the_views(feature_served):
     d, tag = feature_served["project"], feature_served["bento"]["tag"]
     meta = feature_served["client"].get("/metadata").json()
