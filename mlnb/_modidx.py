@@ -174,6 +174,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.features._materialize': ('features.html#_materialize', 'mlnb/features.py'),
                                'mlnb.features._project_name': ('features.html#_project_name', 'mlnb/features.py'),
                                'mlnb.features._rows_key': ('features.html#_rows_key', 'mlnb/features.py'),
+                               'mlnb.features._stage_cfg': ('features.html#_stage_cfg', 'mlnb/features.py'),
                                'mlnb.features._store_lock': ('features.html#_store_lock', 'mlnb/features.py'),
                                'mlnb.features._utc': ('features.html#_utc', 'mlnb/features.py'),
                                'mlnb.features._view_version': ('features.html#_view_version', 'mlnb/features.py'),

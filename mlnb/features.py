@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from .config import Config, load_config
 from .errors import ConfigError, MlnbError, NotFound
-from .pipeline import notebook_digest
+from .pipeline import _atomic_write, notebook_digest
 
 # %% auto #0
 __all__ = ['KINDS', 'UNKNOWN_ENTITY', 'DEFAULT_TAG', 'load_definitions', 'open_store', 'definitions_digest', 'apply_definitions',
@@ -88,6 +88,12 @@ def open_store(cfg: Config):
                     repo_path=cfg.root, entity_key_serialization_version=3)
     return FeatureStore(config=rc)
 
+def _stage_cfg(cfg: Config | None) -> Config:
+    "`cfg`, or the project of the running stage."
+    if cfg is not None: return cfg
+    from mlnb.stage import context
+    return load_config(context().get("project"))
+
 def _applied(cfg: Config) -> dict:
     f = cfg.feature_store_dir / "applied.json"
     return json.loads(f.read_text()) if f.is_file() else {}
@@ -129,9 +135,7 @@ def _apply(cfg: Config) -> dict:
     except Exception as e: raise ConfigError(f"Feast refused the definitions in {cfg.feature_definitions.name}: {type(e).__name__}: {e}") from e
     out = {"digest": digest, "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "applied_by": f"{platform.node()}:{os.getpid()}",
            **{k: sorted(names[k]) for k in KINDS if k != "sources"}, "removed": sorted(o.name for o in gone)}
-    tmp = cfg.feature_store_dir / f".applied.{os.getpid()}.json"  # readers never see half of it
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, cfg.feature_store_dir / "applied.json")
+    _atomic_write(cfg.feature_store_dir / "applied.json", json.dumps(out, indent=1))  # readers never see half of it
     return out
 
 def ensure_applied(cfg: Config):
@@ -178,9 +182,7 @@ def training_frame(entity_df,                    # one row per training example:
                   ):
     "Point-in-time-correct training data: each row of `entity_df` gets the newest feature values written at or before its event time."
     import pandas as pd
-    if cfg is None:
-        from mlnb.stage import context
-        cfg = load_config(context().get("project"))
+    cfg = _stage_cfg(cfg)
     store = ensure_applied(cfg)
     refs = _feature_refs(store, list(features))
     if timestamp not in entity_df.columns:
@@ -210,9 +212,7 @@ def write_source(df,                        # the rows the view reads: its join 
                 ) -> Path:
     "Write `df` as the Parquet file the file source of feature view `view` reads (relative to the project); unchanged content is not rewritten."
     import os, pandas as pd
-    if cfg is None:
-        from mlnb.stage import context
-        cfg = load_config(context().get("project"))
+    cfg = _stage_cfg(cfg)
     views = {v.name: v for v in load_definitions(cfg)["feature_views"]}
     if view not in views: raise NotFound(f"no feature view '{view}'; feature views: {', '.join(sorted(views))}")
     rel = getattr(views[view].batch_source, "path", None)
@@ -300,16 +300,14 @@ def load_online(df,                        # the view's rows: its join keys, tim
                ) -> dict:
     "Write `df` as the file source of `view` and materialize its whole time span: the online store then holds each entity's newest row of `df`."
     import pandas as pd
-    if cfg is None:
-        from mlnb.stage import context
-        cfg = load_config(context().get("project"))
+    cfg = _stage_cfg(cfg)
     write_source(df, view, cfg)
     field = {v.name: v for v in load_definitions(cfg)["feature_views"]}[view].batch_source.timestamp_field
     ts = pd.to_datetime(df[field], utc=True)
     out = materialize(cfg, start=ts.min().to_pydatetime(), end=(ts.max() + pd.Timedelta(seconds=1)).to_pydatetime(), views=[view])
     f = cfg.feature_store_dir / "loaded.json"
     loaded = json.loads(f.read_text()) if f.is_file() else {}
-    f.write_text(json.dumps({**loaded, view: _rows_key(cfg, df)}, indent=1))
+    _atomic_write(f, json.dumps({**loaded, view: _rows_key(cfg, df)}, indent=1))
     return out
 
 def _rows_key(cfg: Config, df) -> str:
