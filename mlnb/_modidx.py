@@ -257,6 +257,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlnb.monitor.check_champion': ('monitor.html#check_champion', 'mlnb/monitor.py'),
                               'mlnb.monitor.detect_drift': ('monitor.html#detect_drift', 'mlnb/monitor.py'),
                               'mlnb.monitor.drift_settings': ('monitor.html#drift_settings', 'mlnb/monitor.py'),
+                              'mlnb.monitor.labelled_window': ('monitor.html#labelled_window', 'mlnb/monitor.py'),
                               'mlnb.monitor.list_incidents': ('monitor.html#list_incidents', 'mlnb/monitor.py'),
                               'mlnb.monitor.load_window': ('monitor.html#load_window', 'mlnb/monitor.py'),
                               'mlnb.monitor.numeric_drift': ('monitor.html#numeric_drift', 'mlnb/monitor.py'),

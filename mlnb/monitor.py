@@ -12,8 +12,8 @@ from .errors import ConfigError, ValidationError
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'drift_settings', 'numeric_drift', 'categorical_drift', 'detect_drift', 'performance', 'performance_text',
-           'render_html', 'write_report', 'read_table', 'load_window', 'list_incidents', 'retrain_on_window',
-           'read_labels', 'check_champion']
+           'render_html', 'write_report', 'read_table', 'load_window', 'list_incidents', 'labelled_window',
+           'retrain_on_window', 'read_labels', 'check_champion']
 
 # %% ../nbs/11_monitor.ipynb #0005
 DEFAULTS = {"drift_alpha": 0.05, "drift_large_reference": 10_000, "drift_wasserstein": 0.1, "drift_jensenshannon": 0.1,
@@ -285,6 +285,17 @@ def _promotion(rec: dict) -> dict:
         if p and p.exists(): return json.loads(p.read_text())
     return {}
 
+def labelled_window(task, current, labels, features: list):
+    "The training data of a retraining: the logged requests that have a label, in the labels' order, the request id as the first id column."
+    # in the labels' order, not the log's: concurrent requests are logged in whatever order they finished, and the
+    # pipeline's split is by position, so the same labels must give the same window (and the same model) every time
+    j = labels[["request_id", task.target]].drop_duplicates("request_id").merge(
+        current.drop(columns=[task.target], errors="ignore").drop_duplicates("request_id"), on="request_id", how="inner")
+    if len(j) == 0: raise ValidationError("cannot retrain: no logged request has a label")
+    window = j[[*features, task.target]].copy()
+    if task.id_columns: window.insert(0, task.id_columns[0], j["request_id"].to_numpy())
+    return window
+
 def _retrain(cfg: Config, task, current, labels, features: list, on_event, out: dict):
     "The steps of `retrain_on_window`, filling `out` as they go."
     from mlnb.pipeline import run_pipeline, RunOptions, discover
@@ -293,10 +304,7 @@ def _retrain(cfg: Config, task, current, labels, features: list, on_event, out: 
     if not takers:
         raise ConfigError("retraining feeds the labelled window to the pipeline through a stage parameter `source` (a data file "
                           "relative to the project), and no stage has one; add `source = \"\"` to the ingest stage's parameters cell")
-    j = current.drop(columns=[task.target], errors="ignore").merge(labels[["request_id", task.target]], on="request_id", how="inner")
-    if len(j) == 0: raise ValidationError("cannot retrain: no logged request has a label")
-    window = j[[*features, task.target]].copy()
-    if task.id_columns: window.insert(0, task.id_columns[0], j["request_id"].to_numpy())
+    window = labelled_window(task, current, labels, features)
     rel = Path(cfg.state_dir) / "retrain" / f"window-{time.strftime('%Y%m%d-%H%M%S')}.parquet"
     (cfg.root / rel).parent.mkdir(parents=True, exist_ok=True)
     window.to_parquet(cfg.root / rel, index=False)
