@@ -329,6 +329,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.pipeline._check_worker_settings': ('pipeline.html#_check_worker_settings', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._claimed': ('pipeline.html#_claimed', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._close_worker_pool': ('pipeline.html#_close_worker_pool', 'mlnb/pipeline.py'),
+                               'mlnb.pipeline._closing': ('pipeline.html#_closing', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._coerce': ('pipeline.html#_coerce', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._death': ('pipeline.html#_death', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._death_code': ('pipeline.html#_death_code', 'mlnb/pipeline.py'),

@@ -520,6 +520,18 @@ def _warm_code(imports: tuple) -> str:
 
 _MANAGER: list = []
 
+def _closing(fn):
+    """`fn` as the target of a thread that makes jupyter_client's blocking calls: each such thread gets an asyncio loop of its
+    own (jupyter_core's `run_sync`), which nothing closes; left to the garbage collector at exit, it can be finalized after
+    its own socket and print `ValueError: Invalid file descriptor: -1` after the command's last line. Closed here instead."""
+    def run(*args):
+        try: return fn(*args)
+        finally:
+            from jupyter_core.utils import ensure_event_loop
+            loop = ensure_event_loop()  # this thread's (a new one if it made none: closed at once, harmless)
+            if not loop.is_running() and not loop.is_closed(): loop.close()
+    return run
+
 def _manager():
     "A kernel manager whose `client()` hands out, once, the client the pool connected, so papermill does not wait for the kernel again."
     if _MANAGER: return _MANAGER[0]
@@ -608,7 +620,7 @@ class KernelPool:
 
     def _start(self, stage: str):  # with the lock held
         self._slots[stage] = slot = _Slot(stage)
-        t = threading.Thread(target=self._start_one, args=(slot,), daemon=True, name=f"mlnb-kernel-{stage}")
+        t = threading.Thread(target=_closing(self._start_one), args=(slot,), daemon=True, name=f"mlnb-kernel-{stage}")
         t.start(); self._threads.append(t)
 
     def _start_one(self, slot: _Slot):
@@ -693,7 +705,7 @@ class KernelPool:
             try: km.shutdown_kernel(now=True)
             except Exception: pass  # the kernel may already be gone; nothing is lost either way
             with self._lock: self._live.discard(km)
-        t = threading.Thread(target=stop, daemon=True); t.start(); self._threads.append(t)
+        t = threading.Thread(target=_closing(stop), daemon=True); t.start(); self._threads.append(t)
 
     def interrupt(self):
         "Interrupt the cell running in every live kernel."
@@ -1398,7 +1410,7 @@ def _submit(fn, *args) -> Future:
         if not fut.set_running_or_notify_cancel(): return
         try: fut.set_result(fn(*args))
         except BaseException as e: fut.set_exception(e)
-    threading.Thread(target=target, daemon=True, name=f"mlnb-stage-{args[0] if args else ''}").start()
+    threading.Thread(target=_closing(target), daemon=True, name=f"mlnb-stage-{args[0] if args else ''}").start()
     return fut
 
 # %% ../nbs/05_pipeline.ipynb #0032

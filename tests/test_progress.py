@@ -120,6 +120,20 @@ def test_failure_on_a_terminal_leaves_one_clean_line(project):
                         r"ValueError: no \(executed notebook: runs/\d{8}-\d{6}-[0-9a-f]{6}/a\.ipynb\)", last), last
 
 
+def test_a_failed_run_leaves_no_event_loop_to_the_garbage_collector(project):
+    """jupyter_client's blocking calls give each thread that makes them an asyncio loop; one left open is closed by the
+    garbage collector at exit, sometimes after its own socket, and then `ValueError: Invalid file descriptor: -1` comes
+    after the command's last line. With ResourceWarnings shown, every loop left open says so: none may be."""
+    add_stage(project, "a", "upstream = []", "x = 1")
+    add_stage(project, "b", "upstream = ['a']", "raise ValueError('no')")
+    add_stage(project, "c", "upstream = ['b']", "y = 2")
+    for _ in range(2):
+        p = run_mlnb(project, "run", "--force", env={"PYTHONWARNINGS": "always::ResourceWarning"}, check=1)
+        assert "unclosed event loop" not in p.stderr and "Invalid file descriptor" not in p.stderr, p.stderr
+        last = [x for x in p.stderr.splitlines() if "ResourceWarning" not in x and not x.startswith(" ")][-1]
+        assert last.startswith("mlnb: error: stage 'b' failed"), p.stderr
+
+
 def test_git_ignores_the_executed_notebooks(tmp_path):
     "`runs/` is ignored in this repository and in what `mlnb new` writes (a folder named runs deeper down is not)."
     from conftest import ROOT
