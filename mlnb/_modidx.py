@@ -281,6 +281,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.pipeline.KernelPool': ('pipeline.html#kernelpool', 'mlnb/pipeline.py'),
                                'mlnb.pipeline.KernelPool.__init__': ('pipeline.html#kernelpool.__init__', 'mlnb/pipeline.py'),
                                'mlnb.pipeline.KernelPool._fill': ('pipeline.html#kernelpool._fill', 'mlnb/pipeline.py'),
+                               'mlnb.pipeline.KernelPool._preload': ('pipeline.html#kernelpool._preload', 'mlnb/pipeline.py'),
                                'mlnb.pipeline.KernelPool._start': ('pipeline.html#kernelpool._start', 'mlnb/pipeline.py'),
                                'mlnb.pipeline.KernelPool._start_one': ('pipeline.html#kernelpool._start_one', 'mlnb/pipeline.py'),
                                'mlnb.pipeline.KernelPool._stop_channels': ('pipeline.html#kernelpool._stop_channels', 'mlnb/pipeline.py'),

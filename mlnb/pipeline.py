@@ -332,26 +332,62 @@ def _launch_argv(argv: list) -> list:
     if len(argv) >= 3 and list(argv[1:3]) == ["-m", "ipykernel_launcher"]: return [argv[0], "-c", _LAUNCH, *argv[3:]]
     return list(argv)
 
+_INSTALLED = '''
+import importlib.util, sys, sysconfig
+from pathlib import Path
+
+def installed(top, dists=[]):
+    "Whether the top-level module `top` is already imported, or comes from the standard library or an installed distribution, not from next to the notebooks."
+    if top in sys.modules: return True
+    try: spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError): return False
+    if spec is None: return False
+    where = spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or []), None)
+    if where is None: return top in sys.builtin_module_names
+    where = Path(where).resolve()
+    if where.is_relative_to(Path.cwd().resolve()): return False
+    if any(where.is_relative_to(Path(p).resolve()) for k, p in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")): return True
+    import importlib.metadata as md
+    try: md.distribution(top); return True  # an editable install of a distribution named after its package
+    except md.PackageNotFoundError: pass
+    if not dists: dists.append(md.packages_distributions())
+    return top in dists[0]
+'''
+
 _ZYGOTE = r'''
 import importlib.util, json, os, select, signal, sys
 if sys.path and sys.path[0] in ("", os.getcwd()): del sys.path[0]
 launcher = importlib.util.find_spec("ipykernel_launcher").origin
 sys.modules["debugpy"] = None
 from ipykernel.kernelapp import IPKernelApp
+if not os.environ.get("MPLBACKEND"): os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # as each kernel sets it
+''' + _INSTALLED + r'''
 r, w = os.pipe(); os.set_blocking(w, False)
 signal.signal(signal.SIGCHLD, lambda *a: None); signal.set_wakeup_fd(w)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 say = lambda d: os.write(1, (json.dumps(d) + "\n").encode())
+
+def reap():
+    while True:
+        try: pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError: return
+        if not pid: return
+        say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+def preload(plan):
+    "A stage's leading imports, made here before its kernel is forked: every kernel forked after it has them already."
+    for statement, tops in plan:
+        if not all(installed(t) for t in tops): return
+        try: exec(statement, {"__name__": "__mlnb_preload__"})
+        except Exception: return  # the stage makes that import itself, and says what is wrong in its own cell
+        reap()  # a kernel that ended meanwhile is reported now, not after the last import
+
 say({"ready": os.getpid()})
 buf = b""
 while True:
     ready = select.select([0, r], [], [])[0]
     if r in ready: os.read(r, 4096)
-    while True:
-        try: pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError: break
-        if not pid: break
-        say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+    reap()
     if 0 not in ready: continue
     data = os.read(0, 1 << 16)
     if not data: os._exit(0)  # the engine closed the pipe, or is gone: nothing to finalize
@@ -359,6 +395,7 @@ while True:
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
         req = json.loads(line)
+        preload(req.get("preload") or ())
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -429,11 +466,12 @@ class _Zygote:
             if kid is not None: kid._exited(msg["code"])
         self._pids.put(None)
 
-    def fork(self, args: list, log: str | None = None) -> _Forked:
-        "A new kernel process, started with command-line arguments `args` (those after `-m ipykernel_launcher`); its stderr to `log`."
+    def fork(self, args: list, log: str | None = None, preload=()) -> _Forked:
+        """A new kernel process, started with command-line arguments `args` (those after `-m ipykernel_launcher`); its stderr to
+        `log`. `preload`: import statements `[(statement, top-level modules)]` the zygote makes first (see `KernelPool._preload`)."""
         with self._send:
-            self.proc.stdin.write((json.dumps({"argv": args, "log": log}) + "\n").encode()); self.proc.stdin.flush()
-            pid = self._pids.get(timeout=60)
+            self.proc.stdin.write((json.dumps({"argv": args, "log": log, "preload": list(preload)}) + "\n").encode()); self.proc.stdin.flush()
+            pid = self._pids.get(timeout=120)  # its imports first: seconds on a busy machine
         if pid is None: raise RuntimeError("the kernel zygote is gone")
         kid = _Forked(pid, self)
         with self._lock:
@@ -461,7 +499,7 @@ def _provisioner():
             env, cwd = {k: v for k, v in (kw.get("env") or {}).items() if k != "JPY_PARENT_PID"}, kw.get("cwd")
             zygote = self.mlnb_zygote(cmd[0], env, cwd) if self.mlnb_zygote and list(cmd[1:3]) == ["-c", _LAUNCH] else None
             if zygote is None or (zygote.python, zygote.env, zygote.cwd) != (cmd[0], env, cwd): return await super().launch_kernel(cmd, **kw)
-            try: self.process = zygote.fork(list(cmd[3:]), getattr(self.parent, "mlnb_log", None))
+            try: self.process = zygote.fork(list(cmd[3:]), getattr(self.parent, "mlnb_log", None), getattr(self.parent, "mlnb_preload", ()))
             except (OSError, RuntimeError, queue.Empty): return await super().launch_kernel(cmd, **kw)  # the zygote is gone
             self.pid = self.pgid = self.process.pid  # it is its own process group, as a kernel jupyter_client starts is
             return self.connection_info
@@ -475,9 +513,7 @@ def _provisioner():
     return Provisioner
 
 # %% ../nbs/05_pipeline.ipynb #0021
-_WARM = '''
-import importlib.util, sys, sysconfig
-from pathlib import Path
+_WARM = _INSTALLED + '''
 from IPython import get_ipython
 
 class NotYet:
@@ -485,23 +521,6 @@ class NotYet:
     def __bool__(self): raise RuntimeError("the stage has not started")
     def __getattr__(self, name): self.__bool__()
     __getitem__ = __contains__ = __iter__ = __len__ = get = lambda self, *a: self.__bool__()
-
-def installed(top, dists=[]):
-    "Whether the top-level module `top` is already imported, or comes from the standard library or an installed distribution, not from next to the notebooks."
-    if top in sys.modules: return True
-    try: spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError): return False
-    if spec is None: return False
-    where = spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or []), None)
-    if where is None: return top in sys.builtin_module_names
-    where = Path(where).resolve()
-    if where.is_relative_to(Path.cwd().resolve()): return False
-    if any(where.is_relative_to(Path(p).resolve()) for k, p in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")): return True
-    import importlib.metadata as md
-    try: md.distribution(top); return True  # an editable install of a distribution named after its package
-    except md.PackageNotFoundError: pass
-    if not dists: dists.append(md.packages_distributions())
-    return top in dists[0]
 
 ns = get_ipython().user_ns
 ns["mlnb_context"] = not_yet = NotYet()
@@ -513,6 +532,12 @@ try:
 finally:
     if ns.get("mlnb_context") is not_yet: del ns["mlnb_context"]
 '''
+
+# What the zygote may import for its kernels: the heavy numerical and ML libraries, whose import does not depend on being in a
+# kernel or in a stage. Anything else a stage imports (a module that reads the stage's context or looks for the kernel's
+# shell or comms at import: mlnb.stage.context(), tqdm.auto, widgets, a project's own code) is imported in its own kernel.
+_PRELOADABLE = frozenset({"numpy", "pandas", "scipy", "sklearn", "skops", "pyarrow", "polars", "statsmodels", "xgboost", "lightgbm",
+                          "pandera", "fairlearn"})
 
 def _warm_code(imports: tuple) -> str:
     "What a started-ahead kernel runs, silently, to make the imports `imports` before its stage starts; it binds no name of the stage's."
@@ -630,6 +655,7 @@ class KernelPool:
             base = os.path.join(self._folder, f"k{kid[:12]}")
             km = _manager()(kernel_name=self.kernel_name, **({"transport": "ipc", "connection_file": base + ".json"} if self._ipc else {}))
             km.mlnb_log = base + ".log"  # the kernel's stderr: what a kernel that dies says (its sockets' warnings, a fatal error)
+            km.mlnb_preload = self._preload(slot.stage)
             km.client_factory = _watched_client()  # a dead kernel ends its stage instead of hanging it
             km.kernel_spec.argv = _launch_argv(km.kernel_spec.argv)
             km.kernel_id = kid
@@ -655,6 +681,17 @@ class KernelPool:
         except Exception as e:  # it died, never answered, or the pool was closed meanwhile
             slot.error, slot.said = e, _kernel_said(km); self.release(km)
         slot.done.set()
+
+    def _preload(self, stage: str) -> list:
+        """What the run's zygote imports before it forks `stage`'s kernel, so that this kernel and every one forked after it start
+        with it: those of the stage's leading imports that are of `_PRELOADABLE` libraries and, when the stage imports mlnb in a run
+        whose stages import scikit-learn, skops' persistence (what `stage.save` and `stage.load` of a model import, all of
+        scikit-learn with it)."""
+        imports = self._plan.get(stage) or ()
+        plan = [(s, list(t)) for s, t in imports if set(t) <= _PRELOADABLE]
+        if any("mlnb" in t for _, t in imports) and any("sklearn" in t for other in list(self._plan.values()) for _, t in other):
+            plan.append(("import skops.io", ["skops"]))
+        return plan
 
     def _fill(self):  # with the lock held
         for stage in self._next[:self.ahead]:

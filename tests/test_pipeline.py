@@ -266,6 +266,25 @@ def test_the_warm_up_is_invisible_and_sees_the_stage_environment(warmed, tmp_pat
     assert cells(rec["stages"]["warm"]["notebook"]) == cells(tmp_path / "bare.ipynb") == [(1, []), (2, []), (3, []), (4, []), (5, [])]
 
 
+LOOK_AT_PARENT = ("import os\nparent = os.getppid()\n"
+                  "seen = {'zygote': b'ipykernel_launcher' in open(f'/proc/{parent}/cmdline', 'rb').read(),\n"
+                  "        'sklearn_in_zygote': '/sklearn/' in open(f'/proc/{parent}/maps').read()}\n"
+                  "stage.save('seen', seen)")
+
+
+def test_a_stages_numerical_imports_are_made_once_in_the_zygote_its_kernel_is_forked_from(project):
+    """The run's zygote makes the heavy imports a stage starts with (scikit-learn here) before it forks the stage's kernel, so
+    the kernels forked after it share them instead of each importing them again: scikit-learn's compiled modules are mapped
+    in the zygote, the kernel's parent. A run whose stages do not import it leaves it out of the zygote."""
+    add_stage(project, "plain", "upstream = []", "from mlnb import stage", LOOK_AT_PARENT)
+    rec = run_json(project, "run")
+    assert product(project, rec, "plain", "seen") == {"zygote": True, "sklearn_in_zygote": False}
+    add_stage(project, "fit", "upstream = ['plain']", "import sklearn.linear_model\nfrom mlnb import stage", LOOK_AT_PARENT)
+    rec = run_json(project, "run")
+    assert statuses(rec) == {"plain": "cached", "fit": "done"}
+    assert product(project, rec, "fit", "seen") == {"zygote": True, "sklearn_in_zygote": True}
+
+
 def test_a_warmed_module_is_imported_before_the_stage_starts(warmed):
     "pandas, which the stage imports first thing, is in sys.modules before its first cell runs; a stage that does not import it has not got it."
     project, rec, _ = warmed
