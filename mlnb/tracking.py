@@ -1390,16 +1390,18 @@ def log_version_artifacts(cfg: Config, version, files: dict, name: str | None = 
             client.log_artifact(mv.run_id, str(local), str(Path(fname).parent) if Path(fname).parent != Path(".") else None)
 
 def log_monitoring(cfg: Config, version: int, metrics: dict, files: list, tags: dict | None = None) -> str:
-    "Record a monitoring check as a run of the experiment `<experiment>-monitoring`, tagged with the model version."
-    with _client(cfg) as client:
-        exp = client.get_experiment_by_name(cfg.experiment + "-monitoring")
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment + "-monitoring",
-            artifact_location=(cfg.root / cfg.artifact_root).resolve().as_uri() if cfg.tracking_uri.startswith("sqlite:") else None)
-        run_id = client.create_run(exp_id, tags={"mlflow.runName": f"monitor v{version}", "mlnb.kind": "monitor",
-                                                  "mlnb.model": cfg.model_name, "mlnb.model_version": str(version), **(tags or {})}).info.run_id
-        _log(client, run_id, metrics=metrics)
-        for f in files: client.log_artifact(run_id, str(f))
-        client.set_terminated(run_id)
+    """Record a monitoring check as a run of the experiment `<experiment>-monitoring`, tagged with the model version; written as a
+    pipeline run is (into the SQLite store, or through a server's REST API, when mlnb knows them: no `import mlflow`)."""
+    import dataclasses
+    from mlnb.audit import actor
+    with _runs(dataclasses.replace(cfg, experiment=cfg.experiment + "-monitoring")) as store:
+        exp = store.experiment()
+        with store.batch():
+            run_id = store.create(exp, int(time.time() * 1000), {"mlflow.runName": f"monitor v{version}", "mlflow.user": actor(), "mlnb.kind": "monitor",
+                                                                 "mlnb.model": cfg.model_name, "mlnb.model_version": str(version), **(tags or {})})
+            store.log(run_id, metrics=metrics)
+        for f in files: store.log_file(run_id, Path(f))
+        store.end(run_id, "FINISHED")
     return run_id
 
 # %% ../nbs/04_tracking.ipynb #0019
