@@ -64,12 +64,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pyproject's default): one worker more than the cores. With one a core, about a fifth of the suite's time
-    the cores idled: the tests wait for services to start, a prediction log to flush, a service to follow an alias."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_xdist_make_scheduler(config, log):
     """xdist's `loadscope` scheduling with a scope per module of ONE_WORKER, one scope for all the TEAM modules, and a
     scope per test elsewhere. (xdist's own `--dist loadgroup` does this with marks, but silently stops grouping on
