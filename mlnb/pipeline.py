@@ -483,7 +483,7 @@ class _Zygote:
         "Stop forking; the kernels it forked are stopped by their managers (and stop themselves once it is gone)."
         try: self.proc.stdin.close()
         except OSError: pass
-        try: self.proc.wait(timeout=5)
+        try: self.proc.wait(timeout=1)  # at once, unless it is making a stage's imports: nothing of it needs finishing
         except subprocess.TimeoutExpired: self.proc.kill()
 
 _PROVISIONER: list = []

@@ -212,7 +212,7 @@ import json, os, sys
 from pathlib import Path
 from IPython import get_ipython
 SEEN = {"cells": len(get_ipython().user_ns.get("In", [""])) - 1, "pid": os.getpid(), "pandas": "pandas" in sys.modules,
-        "env": sorted(os.environ.items())}
+        "ctx_probe": "mlnb_probe_ctx" in sys.modules, "env": sorted(os.environ.items())}
 Path(os.environ["PROBE_OUT"], f"probe-{os.getpid()}.json").write_text(json.dumps(SEEN))
 '''
 PROBE_CTX = "from mlnb import stage\nOUT = stage.context()['out_dir']  # read at import: the stage's own context, or its warm-up's placeholder\n"
@@ -286,9 +286,12 @@ def test_a_stages_numerical_imports_are_made_once_in_the_zygote_its_kernel_is_fo
 
 
 def test_a_warmed_module_is_imported_before_the_stage_starts(warmed):
-    "pandas, which the stage imports first thing, is in sys.modules before its first cell runs; a stage that does not import it has not got it."
+    """pandas, which the stage imports first thing, is in sys.modules before its first cell runs; a kernel's warm-up makes its
+    own stage's imports only (the numerical libraries another stage imports may be there already: imported once, in the
+    zygote the kernels are forked from, for a kernel forked before this one)."""
     project, rec, _ = warmed
     probe = product(project, rec, "warm", "seen")["probe"]
     assert probe["cells"] == 0 and probe["pandas"] is True, "imported after pandas, before any cell: pandas was there before the first cell"
+    assert probe["ctx_probe"] is False, "imported in the order the stage imports them"
     other = product(project, rec, "plain", "seen")["probe"]
-    assert other["cells"] == 0 and other["pandas"] is False, "a kernel is warmed with its own stage's imports only"
+    assert other["cells"] == 0 and other["ctx_probe"] is False, "the other stage's own module is not in this kernel"
