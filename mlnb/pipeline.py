@@ -332,7 +332,7 @@ def _launch_argv(argv: list) -> list:
     if len(argv) >= 3 and list(argv[1:3]) == ["-m", "ipykernel_launcher"]: return [argv[0], "-c", _LAUNCH, *argv[3:]]
     return list(argv)
 
-_INSTALLED = '''
+_IMPORTS = '''
 import importlib.util, sys, sysconfig
 from pathlib import Path
 
@@ -352,6 +352,14 @@ def installed(top, dists=[]):
     except md.PackageNotFoundError: pass
     if not dists: dists.append(md.packages_distributions())
     return top in dists[0]
+
+def make_imports(plan, name, after=lambda: None):
+    "The import statements `[(statement, top-level modules)]` of `plan` in order, each in a namespace of its own, until one is of a module not installed here or fails (the stage makes that import itself, and says what is wrong in its own cell)."
+    for statement, tops in plan:
+        if not all(installed(t) for t in tops): return
+        try: exec(statement, {"__name__": name})
+        except Exception: return
+        after()
 '''
 
 _ZYGOTE = r'''
@@ -361,7 +369,7 @@ launcher = importlib.util.find_spec("ipykernel_launcher").origin
 sys.modules["debugpy"] = None
 from ipykernel.kernelapp import IPKernelApp
 if not os.environ.get("MPLBACKEND"): os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # as each kernel sets it
-''' + _INSTALLED + r'''
+''' + _IMPORTS + r'''
 r, w = os.pipe(); os.set_blocking(w, False)
 signal.signal(signal.SIGCHLD, lambda *a: None); signal.set_wakeup_fd(w)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -373,14 +381,6 @@ def reap():
         except ChildProcessError: return
         if not pid: return
         say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-
-def preload(plan):
-    "A stage's leading imports, made here before its kernel is forked: every kernel forked after it has them already."
-    for statement, tops in plan:
-        if not all(installed(t) for t in tops): return
-        try: exec(statement, {"__name__": "__mlnb_preload__"})
-        except Exception: return  # the stage makes that import itself, and says what is wrong in its own cell
-        reap()  # a kernel that ended meanwhile is reported now, not after the last import
 
 say({"ready": os.getpid()})
 buf = b""
@@ -395,7 +395,8 @@ while True:
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
         req = json.loads(line)
-        preload(req.get("preload") or ())
+        make_imports(req.get("preload") or (), "__mlnb_preload__", reap)  # before the fork: every kernel forked later has them too;
+        # reap: a kernel that ends meanwhile is reported after each import, not after the last
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -513,7 +514,7 @@ def _provisioner():
     return Provisioner
 
 # %% ../nbs/05_pipeline.ipynb #0021
-_WARM = _INSTALLED + '''
+_WARM = _IMPORTS + '''
 from IPython import get_ipython
 
 class NotYet:
@@ -525,10 +526,7 @@ class NotYet:
 ns = get_ipython().user_ns
 ns["mlnb_context"] = not_yet = NotYet()
 try:
-    for statement, tops in PLAN:
-        if not all(installed(t) for t in tops): break
-        try: exec(statement, {"__name__": "__mlnb_warm__"})
-        except Exception: break  # the stage raises it itself, in its own cell
+    make_imports(PLAN, "__mlnb_warm__")
 finally:
     if ns.get("mlnb_context") is not_yet: del ns["mlnb_context"]
 '''
