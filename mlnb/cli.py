@@ -21,6 +21,8 @@ __all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main',
 class _Group(click.Group):
     def main(self, args=None, standalone_mode=True, **kw):
         argv = list(sys.argv[1:] if args is None else args)
+        from mlnb.tracking import no_uri_grammar
+        no_uri_grammar()  # every command that reads or writes a notebook would otherwise pay ~1 s for a grammar it never uses
         try:
             return super().main(argv, standalone_mode=False, **kw)
         except click.exceptions.Abort:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config
 from .stage import file_digest, trusted_types
-from .tracking import pid_alive, version_registered  # light: tracking imports mlflow only inside its functions
+from .tracking import no_uri_grammar, pid_alive, version_registered  # light: tracking imports mlflow only inside its functions
 from .errors import ConfigError, MlnbError, NotFound, PipelineError, StageFailed, StageTimeout, StoreError
 from . import store as stores  # light: fsspec is imported when a store is opened
 
@@ -842,7 +842,7 @@ def _interrupt_kernel(km):
 
 # %% ../nbs/05_pipeline.ipynb #0024
 def _import_papermill():
-    if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
+    no_uri_grammar()
     import papermill  # noqa: F401
 
 # %% ../nbs/05_pipeline.ipynb #0025

@@ -13,7 +13,7 @@ __all__ = ['MAX_DEPTH', 'QUOTE_CHARS', 'MAX_ERROR_CHARS', 'REFUSAL_REASONS', 'PR
 import json, logging, math, os, random, re, shutil, threading, time, uuid, queue
 from pathlib import Path
 from .config import Config
-from .errors import ConfigError, NotFound, MlnbError
+from .errors import ConfigError, NotFound, MlnbError, ModelRefused
 
 # %% ../nbs/09_serving.ipynb #0005
 MAX_DEPTH = 20         # a request is an object of plain values or a list of them (depth 2); deeper than this is refused unparsed
@@ -1000,20 +1000,28 @@ def build_bento(cfg: Config, ref: str = "champion",
     from mlnb import tracking, audit
     globals().pop("Service", None)  # BentoML imports the service to build it: a service defined for an earlier build must not be reused
     info = tracking.model_version_info(cfg, ref)
-    model = tracking.load_model(cfg, str(info["version"]))  # only a model whose file is the registered one, of trusted types, goes into a bento
     contract = tracking.version_artifact(cfg, info["version"], "contract.yaml")
     if not contract: raise NotFound(f"version {info['version']} has no contract.yaml artifact; register it through the pipeline's register stage")
     bentoml = _bentoml(cfg)
+    from bentoml.models import ModelContext
+    from importlib.metadata import version as v
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in cfg.model_name).lower()
-    tracking._mlflow(cfg)
-    bm = bentoml.mlflow.import_model(safe, model_uri=info["model_uri"], labels={"mlnb.version": str(info["version"])},
-                                     metadata={"mlflow_run_id": info["run_id"], "mlnb_run_id": info["tags"].get("mlnb.run_id", "")})
+    # the version's MLflow model goes into BentoML's model store as `bentoml.mlflow.import_model` puts it (same folder and
+    # model.yaml, so `bentoml.mlflow.load_model` reads it too), copied from the registry without importing mlflow
+    try:
+        with bentoml.models.create(safe, module="bentoml.mlflow", api_version="v1", signatures={"predict": {"batchable": False}},
+                                   labels={"mlnb.version": str(info["version"])},
+                                   metadata={"mlflow_run_id": info["run_id"], "mlnb_run_id": info["tags"].get("mlnb.run_id", "")},
+                                   context=ModelContext(framework_name="mlflow", framework_versions={"mlflow": v("mlflow")})) as bm:
+            # what the bento will serve is the registered model: the copy's digest and types are checked before the model is
+            # kept (a refusal leaves nothing in the store) and before anything else is built
+            model = tracking.load_verified(tracking.copy_version_model(cfg, info["version"], bm.path_of("mlflow_model")),
+                                           info["tags"].get("mlnb.model_sha256"), tracking.trusted_types(cfg),
+                                           what=f"model '{cfg.model_name}' version {info['version']}")
+    except ModelRefused as e:
+        audit.record(cfg, "model.refused", {"model": cfg.model_name, "version": info["version"]}, {"why": str(e), "ref": str(ref)})
+        raise
     trusted = tracking.trusted_types(cfg)
-    try:  # what the bento will serve is the registered model: its digest and types are checked before anything else is built
-        tracking.load_verified(bm.path_of("mlflow_model"), info["tags"].get("mlnb.model_sha256"), trusted,
-                               what=f"model '{cfg.model_name}' version {info['version']}")
-    except MlnbError:
-        bentoml.models.delete(bm.tag); raise
     ctx = cfg.state / "bento-build" / f"{safe}-v{info['version']}"
     if ctx.exists(): shutil.rmtree(ctx)
     shutil.copytree(Path(__file__).parent, ctx / "mlnb", ignore=shutil.ignore_patterns("__pycache__"))

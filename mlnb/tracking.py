@@ -14,11 +14,12 @@ from .stage import skops_digest, TRUSTED_TYPES, MODEL_FILE, trusted_types
 
 # %% auto #0
 __all__ = ['EXPERIMENT_KIND', 'LOCK', 'LEASE', 'AUDIT_ANCHOR', 'HISTORY', 'check_tracking', 'store_lock', 'watch_store',
-           'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep', 'sync_run', 'pid_alive',
-           'follow_run', 'spawn_sync', 'start_sync', 'check_trusted', 'load_verified', 'load_version',
-           'version_registered', 'register_model', 'alias_history', 'set_alias', 'describe_version', 'rollback',
-           'list_versions', 'load_model', 'version_artifact_path', 'version_holdout', 'version_artifact',
-           'log_version_artifacts', 'log_monitoring', 'read_aliases', 'version_tags', 'model_version_info']
+           'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep', 'no_uri_grammar',
+           'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'start_sync', 'check_trusted', 'load_verified',
+           'load_version', 'copy_version_model', 'version_registered', 'register_model', 'alias_history', 'set_alias',
+           'describe_version', 'rollback', 'list_versions', 'load_model', 'version_artifact_path', 'version_holdout',
+           'version_artifact', 'log_version_artifacts', 'log_monitoring', 'read_aliases', 'version_tags',
+           'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -913,12 +914,18 @@ def _rest_runs(cfg: Config) -> bool:
 # %% ../nbs/04_tracking.ipynb #0011
 _HTML: dict = {}
 
+def no_uri_grammar():
+    """Keep jsonschema (which nbformat, nbconvert and papermill import) from building its RFC 3987 URI grammar at import:
+    about 1 s of CPU in every process that reads or writes a notebook, for a string format no notebook's schema uses.
+    Called before those imports in mlnb's own processes (the CLI, a run's sync); a no-op once jsonschema is imported."""
+    if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
+
 def _html_exporter():
     "nbconvert's HTML exporter with JupyterLab's look, made once per process (its templates compile on first use)."
     import threading
     with _HTML.setdefault("lock", threading.Lock()):
         if "exporter" not in _HTML:
-            if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)  # a grammar built at import, for a URI format no notebook uses
+            no_uri_grammar()
             from nbconvert import HTMLExporter
             _HTML["exporter"] = HTMLExporter(template_name="lab", optimistic_validation=True)  # validated once, not after each step
         return _HTML["exporter"]
@@ -1036,6 +1043,7 @@ def pid_alive(pid) -> bool:
 def _warm_up(cfg: Config):
     "Pay, while a stage runs, for what the first sync needs: the HTML renderer, and mlflow's import unless mlnb writes the store itself."
     if _direct_runs(cfg) is None and not _rest_runs(cfg): _mlflow(cfg)
+    no_uri_grammar()
     import nbformat
     _notebook_html_of(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# x"), nbformat.v4.new_code_cell("x = 1")]))
 
@@ -1160,6 +1168,26 @@ def load_version(tracking_uri: str, name: str, version, trusted: list | None = N
     local = local or _download_model(tracking_uri, name, version)  # anything else: through MLflow's client
     try: return load_verified(local, expected, trusted, what)
     finally: shutil.rmtree(local, ignore_errors=True)
+
+# what MLflow writes in a scikit-learn model's folder (mlnb's models are skops files): fetched one by one from a server
+_MODEL_FOLDER = ("MLmodel", MODEL_FILE, "requirements.txt", "conda.yaml", "python_env.yaml", "input_example.json", "serving_input_example.json")
+
+def copy_version_model(cfg: Config, version, dest: Path | str, name: str | None = None) -> Path:
+    """The MLflow model folder of a registered version, copied into the new folder `dest` as MLflow's download of
+    `models:/NAME/VERSION` leaves it: from a local artifact store or a tracking server's REST API without importing mlflow
+    (MLflow's client for any other store). Nothing is checked here: load it with `load_verified`."""
+    import shutil
+    name, dest = name or cfg.model_name, Path(dest)
+    with _registry(cfg.tracking_uri, cfg) as reg:
+        folder = reg.model_dir(name, version)
+        if folder is not None: shutil.copytree(folder, dest)
+        elif isinstance(reg, _RestRegistry):
+            dest.mkdir(parents=True)
+            for f in _MODEL_FOLDER:  # a file the version's model does not hold answers 404 and is left out
+                reg.download("model-versions/get-artifact", {"name": name, "version": str(int(version)), "path": f}, dest / f)
+    if not dest.exists(): shutil.move(_download_model(cfg.tracking_uri, name, version), dest)
+    (dest / "registered_model_meta").write_text(f"model_name: {name}\nmodel_version: '{int(version)}'\n")  # as MLflow's download writes it
+    return dest
 
 def version_registered(cfg: Config, model_version: dict) -> bool:
     "Whether the registry still has this version (`{name, version}` as `register_model` returned it), with the same model digest."

@@ -1,5 +1,5 @@
 "A real `bentoml serve` of a bento built from the registry, spoken to over HTTP on 127.0.0.1."
-import json, os, re, shutil, socket, subprocess, sys, threading, time
+import json, os, re, shutil, socket, subprocess, sys, textwrap, threading, time
 from pathlib import Path
 import httpx
 import pytest
@@ -498,6 +498,29 @@ def test_an_unloadable_champion_is_not_served_and_the_service_says_so(served):
     assert f"model 'fraud-detector' version {bad}: model.skops is not a readable skops file" in p.stderr and "Traceback" not in p.stderr, p.stderr
     stored = [f.read_text() for f in (served["project"] / ".mlnb/bentoml/models").rglob("model.yaml")]
     assert stored and not [t for t in stored if f"mlnb.version: '{bad}'" in t], stored
+
+
+def test_the_bentos_model_is_the_versions_mlflow_model_as_bentoml_imports_it(served):
+    """`mlnb build` copies the version's MLflow model into BentoML's model store itself (mlflow is not imported): the folder
+    and model.yaml are those `bentoml.mlflow.import_model` leaves, so `bentoml.mlflow.load_model` reads the bento's model,
+    and it answers as the registered version does."""
+    settings = json.loads((Path(served["bento"]["path"]) / "src/serving.json").read_text())
+    probe = textwrap.dedent("""\
+        import json, sys
+        import bentoml, pandas as pd
+        from mlnb.config import load_config
+        from mlnb import tracking
+        cfg, tag = load_config(sys.argv[1]), sys.argv[2]
+        info = bentoml.models.get(tag).info
+        rows = pd.read_parquet(tracking.version_artifact_path(cfg, 1, "holdout.parquet")).head(200)
+        X = rows[json.loads(sys.argv[3])]  # the contract's fields: the model's input
+        print(json.dumps({"module": info.module, "framework": info.context.framework_name, "labels": info.labels,
+                          "same": bool((bentoml.mlflow.load_model(tag).predict(X) == tracking.load_model(cfg, "1").predict(X)).all())}))
+        """)
+    p = subprocess.run([sys.executable, "-c", probe, str(served["project"]), settings["bento_model"], json.dumps(list(settings["fields"]))],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "BENTOML_HOME": str(served["project"] / ".mlnb/bentoml")})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1]) == {"module": "bentoml.mlflow", "framework": "mlflow", "labels": {"mlnb.version": "1"}, "same": True}
 
 
 def test_a_replaced_tracking_store_is_followed(served):

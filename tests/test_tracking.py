@@ -182,3 +182,23 @@ def test_a_new_projects_store_is_a_copy_of_the_empty_store_mlflow_made(tmp_path)
     assert kept[0].exists() and "planted" not in kept[0].read_bytes().decode("latin-1")  # set aside, and a clean one kept again
     uri = f"sqlite:///{tmp_path / 'third' / '.mlnb' / 'mlflow.db'}"
     assert {e.name for e in MlflowClient(uri, uri).search_experiments()} == {"Default", "exp"}
+
+
+def test_a_runs_sync_renders_its_pages_without_building_jsonschemas_uri_grammar(chain):
+    """Every run's follower (`mlnb sync --follow`, a process of its own) imports nbformat and nbconvert, and so jsonschema,
+    which builds an RFC 3987 grammar at import (about 1 s of CPU) for a URI format no notebook's schema uses: mlnb's
+    processes skip it. The sync still renders and logs every page."""
+    import sys
+    rec = run_json(chain, "run", "--wait-tracking")
+    probe = ("import atexit, json, sys\n"
+             "atexit.register(lambda: print(json.dumps({'jsonschema': 'jsonschema' in sys.modules, 'nbconvert': 'nbconvert' in sys.modules,"
+             " 'grammar': sys.modules.get('rfc3987_syntax') is not None})))\n"
+             "from mlnb.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", probe, "--project", str(chain), "sync", rec["run_id"], "--follow"],
+                       capture_output=True, text=True, timeout=120, cwd=chain)
+    assert p.returncode == 0, p.stderr
+    seen = json.loads(p.stdout.splitlines()[-1])
+    assert seen == {"jsonschema": True, "nbconvert": True, "grammar": False}, seen
+    c = client(chain)
+    pages = [f.path for r in runs_of(c, rec["run_id"]) for f in c.list_artifacts(r.info.run_id, "notebooks")]
+    assert sorted(p for p in pages if p.endswith(".html")) == ["notebooks/a.html", "notebooks/b.html", "notebooks/c.html"]
