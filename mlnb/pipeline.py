@@ -408,7 +408,9 @@ while True:
                 os.dup2(os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if req["log"] else null, 2)
                 os.environ["JPY_PARENT_PID"] = str(os.getppid())
                 sys.argv = [launcher, *req["argv"]]
-                IPKernelApp.instance().initialize()
+                # the kernel ends when the zygote does (killed with its Dask worker, say): ipykernel watches its parent only
+                # when told which it is, and its default was read when the zygote imported ipykernel, before JPY_PARENT_PID was set
+                IPKernelApp.instance(parent_handle=os.getppid()).initialize()
                 del sys.modules["debugpy"]
                 IPKernelApp.instance().start()
                 code = 0

@@ -1001,7 +1001,6 @@ def build_bento(cfg: Config, ref: str = "champion",
     globals().pop("Service", None)  # BentoML imports the service to build it: a service defined for an earlier build must not be reused
     info = tracking.model_version_info(cfg, ref)
     contract = tracking.version_artifact(cfg, info["version"], "contract.yaml")
-    if not contract: raise NotFound(f"version {info['version']} has no contract.yaml artifact; register it through the pipeline's register stage")
     bentoml = _bentoml(cfg)
     from bentoml.models import ModelContext
     from importlib.metadata import version as v
@@ -1018,6 +1017,7 @@ def build_bento(cfg: Config, ref: str = "champion",
             model = tracking.load_verified(tracking.copy_version_model(cfg, info["version"], bm.path_of("mlflow_model")),
                                            info["tags"].get("mlnb.model_sha256"), tracking.trusted_types(cfg),
                                            what=f"model '{cfg.model_name}' version {info['version']}")
+            if not contract: raise NotFound(f"version {info['version']} has no contract.yaml artifact; register it through the pipeline's register stage")
     except ModelRefused as e:
         audit.record(cfg, "model.refused", {"model": cfg.model_name, "version": info["version"]}, {"why": str(e), "ref": str(ref)})
         raise

@@ -295,3 +295,24 @@ def test_a_warmed_module_is_imported_before_the_stage_starts(warmed):
     assert probe["ctx_probe"] is False, "imported in the order the stage imports them"
     other = product(project, rec, "plain", "seen")["probe"]
     assert other["cells"] == 0 and other["ctx_probe"] is False, "the other stage's own module is not in this kernel"
+
+
+def test_a_kernel_ends_when_the_zygote_it_was_forked_from_is_killed(project):
+    """A stage's kernel is forked from the run's zygote, its parent. When the zygote is killed (`kill -9`, or with the Dask
+    worker it belongs to) the kernel ends within seconds instead of living on, orphaned, and the run says the stage failed."""
+    from conftest import wait_for
+    probe = project / "kernel.pids"
+    add_stage(project, "slow", "upstream = []", "import os, time\nfrom pathlib import Path",
+              f"Path({str(probe)!r}).write_text(f'{{os.getpid()}} {{os.getppid()}}')\ntime.sleep(300)")
+    p = subprocess.Popen([*MLNB, "--project", str(project), "run"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        kernel, zygote = map(int, wait_for(lambda: probe.exists() and probe.read_text(), timeout=120, what="the stage's kernel").split())
+        assert zygote != p.pid, "the kernel was forked from the zygote, not started by the engine"
+        os.kill(zygote, signal.SIGKILL)
+        alive = lambda pid: Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        wait_for(lambda: not alive(kernel), timeout=15, what="the orphaned kernel's end")
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and "slow" in err, err
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
