@@ -83,7 +83,8 @@ def latency_p95_ms(task: Task, model, X, n: int = 100, rounds: int = 3) -> float
     return float(min(p95s) * 1000)
 
 def model_mb(model) -> float:
-    import skops.io as sio
+    from mlnb.stage import skops_io
+    sio = skops_io()
     return len(sio.dumps(model)) / 2**20
 
 # %% ../nbs/08_gates.ipynb #0009

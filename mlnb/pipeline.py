@@ -690,7 +690,7 @@ class KernelPool:
         imports = self._plan.get(stage) or ()
         plan = [(s, list(t)) for s, t in imports if set(t) <= _PRELOADABLE]
         if any("mlnb" in t for _, t in imports) and any("sklearn" in t for other in list(self._plan.values()) for _, t in other):
-            plan.append(("import skops.io", ["skops"]))
+            plan.append(("from mlnb.stage import skops_io; skops_io()", ["skops"]))  # mlnb.stage imports nothing of the project's
         return plan
 
     def _fill(self):  # with the lock held

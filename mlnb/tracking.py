@@ -9,17 +9,17 @@ from pathlib import Path
 from .config import Config, load_config
 from .errors import ConfigError, TrackingError, NotFound, ModelRefused
 from .audit import actor, record as audit_record
-from .stage import skops_digest, TRUSTED_TYPES, MODEL_FILE, trusted_types
+from .stage import skops_digest, skops_io, TRUSTED_TYPES, MODEL_FILE, trusted_types
 
 
 # %% auto #0
-__all__ = ['EXPERIMENT_KIND', 'LOCK', 'LEASE', 'AUDIT_ANCHOR', 'HISTORY', 'check_tracking', 'store_lock', 'watch_store',
-           'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep', 'no_uri_grammar',
-           'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'start_sync', 'check_trusted', 'load_verified',
-           'load_version', 'copy_version_model', 'version_registered', 'register_model', 'alias_history', 'set_alias',
-           'describe_version', 'rollback', 'list_versions', 'load_model', 'version_artifact_path', 'version_holdout',
-           'version_artifact', 'log_version_artifacts', 'log_monitoring', 'read_aliases', 'version_tags',
-           'model_version_info']
+__all__ = ['EXPERIMENT_KIND', 'LOCK', 'LEASE', 'AUDIT_ANCHOR', 'PAGES_KEPT', 'HISTORY', 'check_tracking', 'store_lock',
+           'watch_store', 'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep',
+           'no_uri_grammar', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'start_sync', 'check_trusted',
+           'load_verified', 'load_version', 'copy_version_model', 'version_registered', 'register_model',
+           'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model',
+           'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring',
+           'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -934,13 +934,36 @@ def _notebook_html_of(node) -> str:
     exporter = _html_exporter()
     with _HTML["lock"]: return exporter.from_notebook_node(node)[0]
 
-def _notebook_html(nb: Path) -> str | None:
-    "An executed notebook as one HTML page (JupyterLab's look, outputs and plots inline), or None if it cannot be rendered."
+PAGES_KEPT = 200  # rendered pages kept in the project's state folder (`pages/`), the least recently used dropped first
+
+def _notebook_html(nb: Path, kept: Path | None = None) -> str | None:
+    """An executed notebook as one HTML page (JupyterLab's look, outputs and plots inline), or None if it cannot be rendered.
+    With `kept` (a folder), pages are kept there by the notebook's content digest and nbconvert's version: a stage reused from
+    the cache (its notebook is the cache entry's, byte for byte) is not rendered again, and a fully reused run's sync does
+    not even import the renderer."""
     try:
+        data = nb.read_bytes()
+        if kept is not None:
+            import hashlib
+            from importlib.metadata import version
+            page = kept / f"{hashlib.sha256(data + version('nbconvert').encode()).hexdigest()}.html"
+            try: html = page.read_text()
+            except OSError: html = None  # not rendered yet (or just pruned)
+            if html is not None:
+                with contextlib.suppress(OSError): os.utime(page)  # recently used: pruned last
+                return html
         _html_exporter()
         import nbformat
-        return _notebook_html_of(nbformat.read(nb, as_version=4))
+        html = _notebook_html_of(nbformat.reads(data.decode(), as_version=4))
     except Exception: return None  # a notebook the renderer cannot read is still logged as .ipynb
+    if kept is not None:
+        try:
+            kept.mkdir(parents=True, exist_ok=True)
+            tmp = page.with_suffix(f".{os.getpid()}.tmp"); tmp.write_text(html); os.replace(tmp, page)  # whole, or not there
+            pages = sorted(kept.glob("*.html"), key=lambda p: p.stat().st_mtime)
+            for old in pages[:-PAGES_KEPT]: old.unlink(missing_ok=True)
+        except OSError: pass  # a page not kept is rendered again next time
+    return html
 
 def _made_by(rec: dict, st: dict) -> bool:
     "Whether this run made the stage's products (not reused, and not a `--force` rerun that found the same products already kept)."
@@ -961,14 +984,15 @@ def sync_run(cfg: Config, run_dir: Path | str,
                       and tr["stages"].get(n, {}).get("attempt") != st.get("attempt")] if tr.get("synced_rev") != rec.get("rev") else []
     tr = _read_json(tfile, {"parent_run_id": None, "stages": {}})
     # rendered before the store is locked: the MLflow UI shows an .ipynb as raw JSON, the HTML it renders
-    html = {n: _notebook_html(nbs[n]) for n in {*new(tr), *tr.get("pages", [])} if nbs[n].exists()} if pages else {}
+    kept = cfg.state / "pages"  # rendered pages by content: a reused stage's page is the one rendered when it ran
+    html = {n: _notebook_html(nbs[n], kept) for n in {*new(tr), *tr.get("pages", [])} if nbs[n].exists()} if pages else {}
     with _runs(cfg, client) as store:
         tr = _read_json(tfile, {"parent_run_id": None, "stages": {}})
         if tr["parent_run_id"] and not store.exists(tr["parent_run_id"]):
             tr = {"parent_run_id": None, "stages": {}}  # the store lost the run (a new or restored mlflow.db): log it again
         if tr.get("synced_rev") == rec.get("rev") and not (pages and tr.get("pages")): return tr
         def page(n, run_id):
-            if n not in html: html[n] = _notebook_html(nbs[n])  # a stage the sync before the lock did not expect (a lost store)
+            if n not in html: html[n] = _notebook_html(nbs[n], kept)  # a stage the sync before the lock did not expect (a lost store)
             if html[n]: store.log_text(run_id, html[n], f"notebooks/{n}.html")
         if tr.get("synced_rev") != rec.get("rev"): _sync_record(store, cfg, rec, run_dir, tr, new(tr), page if pages else None)
         if pages:  # pages left for later by an earlier sync
@@ -1141,7 +1165,7 @@ def load_verified(path: Path | str,          # a model folder (holding `model.sk
     if found != expected:
         raise ModelRefused(f"{what}: {MODEL_FILE} has digest {found[:12]}…, but {expected[:12]}… was registered; "
                            "the file was changed after registration, so it was not loaded")
-    import skops.io as sio
+    sio = skops_io()
     from skops.io.exceptions import UntrustedTypesFoundException
     try: return sio.loads(data, trusted=trusted_types() if trusted is None else list(trusted))  # skops refuses any type not listed
     except UntrustedTypesFoundException:
@@ -1213,7 +1237,8 @@ def register_model(model,              # a fitted scikit-learn estimator (a Pipe
                   ) -> dict:
     "Log `model` to MLflow from inside a stage and register it as a new version; returns name, version, run id, URI."
     from mlnb import stage
-    import skops.io as sio, tempfile
+    import tempfile
+    sio = skops_io()
     ctx = stage.context()
     if ctx.get("interactive") and not interactive:
         raise ConfigError("not registered: this notebook runs outside a pipeline run, and a notebook run by hand does not write to the "

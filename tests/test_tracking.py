@@ -202,3 +202,29 @@ def test_a_runs_sync_renders_its_pages_without_building_jsonschemas_uri_grammar(
     c = client(chain)
     pages = [f.path for r in runs_of(c, rec["run_id"]) for f in c.list_artifacts(r.info.run_id, "notebooks")]
     assert sorted(p for p in pages if p.endswith(".html")) == ["notebooks/a.html", "notebooks/b.html", "notebooks/c.html"]
+
+
+def test_a_reused_stages_page_is_the_one_rendered_when_it_ran(chain):
+    """The HTML page of a stage reused from the cache is its notebook's page as rendered when the stage ran (kept by the
+    notebook's content digest): a fully reused run's pages reach MLflow without nbconvert even being imported."""
+    import sys
+    first = run_json(chain, "run", "--wait-tracking")
+    probe = ("import atexit, json, sys\n"
+             "atexit.register(lambda: print(json.dumps({'nbconvert': 'nbconvert' in sys.modules})))\n"
+             "from mlnb.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", probe, "--project", str(chain), "run", "--wait-tracking", "--json"],
+                       capture_output=True, text=True, timeout=300, cwd=chain)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    again = json.loads("\n".join(lines[:-1]))
+    assert set(again["stages"]) == {"a", "b", "c"} and {s["status"] for s in again["stages"].values()} == {"cached"}
+    assert json.loads(lines[-1]) == {"nbconvert": False}, "the pages of a fully reused run are the ones kept, not rendered again"
+    c = client(chain)
+    def pages(run_id):
+        out = {}
+        for r in runs_of(c, run_id):
+            if "mlnb.stage" in r.data.tags:
+                out[r.data.tags["mlnb.stage"]] = Path(c.download_artifacts(r.info.run_id, f"notebooks/{r.data.tags['mlnb.stage']}.html", str(chain / "dl" / r.info.run_id))).read_text()
+        return out
+    before, after = pages(first["run_id"]), pages(again["run_id"])
+    assert set(after) == {"a", "b", "c"} and after == before and all(p.startswith("<!DOCTYPE html>") for p in after.values())
