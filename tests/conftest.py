@@ -132,11 +132,24 @@ def team_stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("team-stack")
     stack = Stack(folder, workers=2)
     settings = stack.up()  # a part that fails stops the others before this raises
+    _TEAM_STACKS.append(folder)
     try:
         yield SimpleNamespace(pg=stack.pg, mlflow_uri=stack.mlflow.uri, scheduler=stack.cluster.address, cluster=stack.cluster,
                               settings=settings, folder=stack.folder, seconds=stack.seconds, stack=stack)
     finally:
-        Stack.down(folder)
+        Stack.down(folder)  # nothing left to stop if the last TEAM test stopped it already
+
+
+_TEAM_STACKS: list = []  # the folders of the team stacks this process started
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """With xdist one worker runs the TEAM modules' tests one after another (one scope): after the last of them, the team
+    stack stops instead of idling until the session ends (Dask's heartbeats and MLflow's workers: a tenth of a core)."""
+    if (_TEAM_STACKS and os.environ.get("PYTEST_XDIST_WORKER") and Path(str(item.path)).name in TEAM
+            and (nextitem is None or Path(str(nextitem.path)).name not in TEAM)):
+        from mlnb.stack import Stack
+        while _TEAM_STACKS: Stack.down(_TEAM_STACKS.pop())
 
 
 def reference_project_reusing(d, reference_run):
