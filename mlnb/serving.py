@@ -1005,6 +1005,7 @@ def build_bento(cfg: Config, ref: str = "champion",
     from bentoml.models import ModelContext
     from importlib.metadata import version as v
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in cfg.model_name).lower()
+    trusted = tracking.trusted_types(cfg)
     # the version's MLflow model goes into BentoML's model store as `bentoml.mlflow.import_model` puts it (same folder and
     # model.yaml, so `bentoml.mlflow.load_model` reads it too), copied from the registry without importing mlflow
     try:
@@ -1015,13 +1016,12 @@ def build_bento(cfg: Config, ref: str = "champion",
             # what the bento will serve is the registered model: the copy's digest and types are checked before the model is
             # kept (a refusal leaves nothing in the store) and before anything else is built
             model = tracking.load_verified(tracking.copy_version_model(cfg, info["version"], bm.path_of("mlflow_model")),
-                                           info["tags"].get("mlnb.model_sha256"), tracking.trusted_types(cfg),
+                                           info["tags"].get("mlnb.model_sha256"), trusted,
                                            what=f"model '{cfg.model_name}' version {info['version']}")
             if not contract: raise NotFound(f"version {info['version']} has no contract.yaml artifact; register it through the pipeline's register stage")
     except ModelRefused as e:
         audit.record(cfg, "model.refused", {"model": cfg.model_name, "version": info["version"]}, {"why": str(e), "ref": str(ref)})
         raise
-    trusted = tracking.trusted_types(cfg)
     ctx = cfg.state / "bento-build" / f"{safe}-v{info['version']}"
     if ctx.exists(): shutil.rmtree(ctx)
     shutil.copytree(Path(__file__).parent, ctx / "mlnb", ignore=shutil.ignore_patterns("__pycache__"))
