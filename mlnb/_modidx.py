@@ -801,6 +801,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.tracking._warm_up': ('tracking.html#_warm_up', 'mlnb/tracking.py'),
                                'mlnb.tracking.alias_history': ('tracking.html#alias_history', 'mlnb/tracking.py'),
                                'mlnb.tracking.anchor_audit_head': ('tracking.html#anchor_audit_head', 'mlnb/tracking.py'),
+                               'mlnb.tracking.audit_refusal': ('tracking.html#audit_refusal', 'mlnb/tracking.py'),
                                'mlnb.tracking.check_tracking': ('tracking.html#check_tracking', 'mlnb/tracking.py'),
                                'mlnb.tracking.check_trusted': ('tracking.html#check_trusted', 'mlnb/tracking.py'),
                                'mlnb.tracking.close_sweep': ('tracking.html#close_sweep', 'mlnb/tracking.py'),

@@ -1019,9 +1019,7 @@ def build_bento(cfg: Config, ref: str = "champion",
                                            info["tags"].get("mlnb.model_sha256"), trusted,
                                            what=f"model '{cfg.model_name}' version {info['version']}")
             if not contract: raise NotFound(f"version {info['version']} has no contract.yaml artifact; register it through the pipeline's register stage")
-    except ModelRefused as e:
-        audit.record(cfg, "model.refused", {"model": cfg.model_name, "version": info["version"]}, {"why": str(e), "ref": str(ref)})
-        raise
+    except ModelRefused as e: tracking.audit_refusal(cfg, cfg.model_name, info["version"], ref, e); raise
     ctx = cfg.state / "bento-build" / f"{safe}-v{info['version']}"
     if ctx.exists(): shutil.rmtree(ctx)
     shutil.copytree(Path(__file__).parent, ctx / "mlnb", ignore=shutil.ignore_patterns("__pycache__"))
@@ -1066,7 +1064,6 @@ def build_bento(cfg: Config, ref: str = "champion",
         text = tracking.version_artifact(cfg, info["version"], f)
         if text: (ctx / f).write_text(text); shipped.append(f)
     globals().pop("Service", None)
-    from importlib.metadata import version as v
     reqs = [f"{p}=={v(p)}" for p in ("bentoml", "mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pandera", "fastapi", "pydantic")
                                     + (("feast",) if spec else ())]
     about = (f"# {cfg.model_name}, version {info['version']}\n\nA {task.kind} model of `{task.target}`, served by mlnb: the docs page is at `/`, "

@@ -17,7 +17,7 @@ __all__ = ['EXPERIMENT_KIND', 'LOCK', 'LEASE', 'AUDIT_ANCHOR', 'PAGES_KEPT', 'HI
            'watch_store', 'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep',
            'no_uri_grammar', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'start_sync', 'check_trusted',
            'load_verified', 'load_version', 'copy_version_model', 'version_registered', 'register_model',
-           'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model',
+           'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model', 'audit_refusal',
            'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring',
            'read_aliases', 'version_tags', 'model_version_info']
 
@@ -1398,9 +1398,11 @@ def load_model(cfg: Config, ref: str, name: str | None = None):
         if not str(ref).isdigit() and ref not in rm["aliases"]: return None
         version = _version_of(reg, name, ref)["version"] if str(ref).isdigit() else int(rm["aliases"][ref])
     try: return load_version(cfg.tracking_uri, name, version, trusted_types(cfg))
-    except ModelRefused as e:
-        audit_record(cfg, "model.refused", {"model": name, "version": version}, {"why": str(e), "ref": str(ref)})
-        raise
+    except ModelRefused as e: audit_refusal(cfg, name, version, ref, e); raise
+
+def audit_refusal(cfg: Config, name: str, version, ref, error: ModelRefused):
+    "Record in the audit log that version `version` of model `name` (asked for as `ref`) was refused, and why."
+    audit_record(cfg, "model.refused", {"model": name, "version": version}, {"why": str(error), "ref": str(ref)})
 
 def version_artifact_path(cfg: Config, version, path: str, name: str | None = None) -> Path | None:
     "A local file of an artifact logged beside a version's model (e.g. `reference.parquet`), or None; read it, do not change it."
