@@ -714,6 +714,9 @@ def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
     if missing: raise ValidationError(f"the rows to send lack the model's feature(s) {', '.join(missing)}")
     if labels_out and task.target not in source: raise ValidationError(f"--labels needs the target column {task.target} in the rows to send")
     df = source.sample(rows, replace=len(source) < rows, random_state=seed).reset_index(drop=True)
+    if len(source) < rows:  # the drift tests count every copy of a row as evidence of its own
+        click.echo(f"note: {'--data' if data else 'the holdout'} has {len(source)} rows, so each is sent about {rows / len(source):.0f} times; "
+                   f"a drift check of repeated rows finds drift that is not there: send at most {len(source)} rows, or more rows with --data FILE", err=True)
     df = _perturb(df, fields, drift, seed) if drift else df
     recs = json.loads(df[features].to_json(orient="records"))
     import secrets

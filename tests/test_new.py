@@ -125,6 +125,10 @@ def test_new_project_end_to_end(installed, tmp_path, task, param):
         sim = mlnb(installed, d, "simulate", "--url", served.url, "--rows", "300", "--drift", "1.0", "--labels", str(tmp_path / "labels.jsonl")).stderr
         answered = int(sim.split("): ")[1].split(" answered")[0])
         assert answered == 300, sim  # shifted, but inside the contract
+        from mlnb import tracking
+        from mlnb.config import load_config
+        holdout = len(tracking.version_holdout(load_config(d), 2))  # the rows simulate sends from: the champion's holdout
+        assert (f"the holdout has {holdout} rows, so each is sent about" in sim) == (holdout < 300), sim  # repeats are said
         time.sleep(1.5)  # the prediction log flushes every half second
         p = mlnb(installed, d, "monitor", "--window", "300", "--labels", str(tmp_path / "labels.jsonl"), "--json", check=3)
         res = json.loads(p.stdout)
