@@ -177,6 +177,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.features._stage_cfg': ('features.html#_stage_cfg', 'mlnb/features.py'),
                                'mlnb.features._store_lock': ('features.html#_store_lock', 'mlnb/features.py'),
                                'mlnb.features._utc': ('features.html#_utc', 'mlnb/features.py'),
+                               'mlnb.features._view': ('features.html#_view', 'mlnb/features.py'),
                                'mlnb.features._view_version': ('features.html#_view_version', 'mlnb/features.py'),
                                'mlnb.features.apply_definitions': ('features.html#apply_definitions', 'mlnb/features.py'),
                                'mlnb.features.definitions_digest': ('features.html#definitions_digest', 'mlnb/features.py'),

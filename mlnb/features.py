@@ -23,13 +23,39 @@ KINDS = ("entities", "sources", "feature_views", "on_demand_feature_views", "fea
 _FEAST_MODULES = ("feast", "feast.feature_store", "feast.feature_view", "feast.on_demand_feature_view", "feast.stream_feature_view",
                   "feast.batch_feature_view", "feast.repo_config", "feast.infra.offline_stores.offline_store")
 
-def _feast():
+_UNCHECKED: list = []  # Feast's @typechecked classes whose type checks are not instrumented yet: (class, decorator options)
+
+def _feast(checked: bool = False, # with typeguard's checks of Feast's classes (for a person's definitions)
+          ):
     """Import feast without what its modules do to the whole process on import: `warnings.simplefilter("once", DeprecationWarning)`
-    would make every library's deprecation warnings print (in `mlnb build`, in a stage's output)."""
-    if _FEAST_MODULES[-1] in sys.modules: return
-    import importlib, warnings
-    with warnings.catch_warnings():  # the filters as they were come back when it ends
-        for m in _FEAST_MODULES: importlib.import_module(m)
+    would make every library's deprecation warnings print (in `mlnb build`, in a stage's output).
+
+    And without paying, where nothing needs them, for the type checks Feast puts on its classes: typeguard's `@typechecked`
+    re-parses and compiles the class's whole module once per method, at import: ~2.5 s of CPU of Feast's ~3.2 s, in every
+    process that reads the store (a service's workers, `mlnb monitor`, a stage's lookups). The checks turn a wrong argument in
+    a definition into a clear error (`argument "ttl" (int) is not an instance of timedelta`); a process that only reads the
+    store makes its objects from the registry, never from a person's code. So the classes are instrumented when code that
+    makes them runs: `checked=True` (what `load_definitions` asks) instruments them then, as they would have been at import."""
+    if _FEAST_MODULES[-1] not in sys.modules:
+        import importlib, warnings
+        try: import typeguard
+        except ImportError: typeguard = None  # a Feast without typeguard: nothing to defer
+        real = getattr(typeguard, "typechecked", None)
+        def later(target=None, **options):  # Feast's classes recorded, anything else decorated as typeguard would
+            if target is None: return lambda t: later(t, **options)
+            if not (isinstance(target, type) and target.__module__.startswith("feast.")): return real(target, **options)
+            _UNCHECKED.append((target, options)); return target
+        with warnings.catch_warnings():  # the filters as they were come back when it ends
+            if real: typeguard.typechecked = later  # what `from typeguard import typechecked` in Feast's modules finds
+            try:
+                for m in _FEAST_MODULES: importlib.import_module(m)
+            finally:
+                if real: typeguard.typechecked = real
+    if checked and _UNCHECKED:
+        import typeguard
+        while _UNCHECKED:  # base classes first, as at import
+            cls, options = _UNCHECKED.pop(0)
+            typeguard.typechecked(cls, **options)
 
 def _kind(obj) -> str | None:
     _feast()
@@ -59,12 +85,13 @@ def load_definitions(cfg: Config) -> dict:
     "Run the code cells of the definitions notebook (`feature_definitions`) and collect the Feast objects it makes, by kind."
     path = _definitions(cfg)
     ns = {"__name__": "__mlnb_features__"}
-    _feast()  # before the notebook's own `from feast import ...`
+    _feast(checked=True)  # before the notebook's own `from feast import ...`; a wrong argument in a definition is a clear error
     with contextlib.chdir(cfg.root):  # as from the project folder, wherever the caller runs (a stage runs in its notebook's folder)
         for i, src in enumerate(_code_cells(path), 1):
             try: exec(compile(src, f"{path.name} code cell {i}", "exec"), ns)
-            except Exception as e:
-                raise ConfigError(f"{path.name}: code cell {i} failed: {type(e).__name__}: {e}") from e
+            except Exception as e:  # on one line (typeguard's messages take one per alternative of a union)
+                first, *more = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+                raise ConfigError(f"{path.name}: code cell {i} failed: {type(e).__name__}: {first}" + "".join(f"; {m}" if n else f" {m}" for n, m in enumerate(more))) from e
     found = {k: [] for k in KINDS}
     for name, obj in ns.items():
         kind = None if name.startswith("_") else _kind(obj)
@@ -206,6 +233,12 @@ def training_frame(entity_df,                    # one row per training example:
     return out.reset_index(drop=True)
 
 # %% ../nbs/18_features.ipynb #b3d9f4a6
+def _view(cfg: Config, view: str):
+    "Feature view `view` as the store holds it (the definitions applied first when they changed): no definition code runs again."
+    views = {v.name: v for v in ensure_applied(cfg).list_feature_views()}
+    if view not in views: raise NotFound(f"no feature view '{view}'; feature views: {', '.join(sorted(views))}")
+    return views[view]
+
 def write_source(df,                        # the rows the view reads: its join keys, timestamp field and features
                  view: str,                 # the feature view whose file source it is
                  cfg: Config | None = None, # default: the project of the running stage
@@ -213,10 +246,9 @@ def write_source(df,                        # the rows the view reads: its join 
     "Write `df` as the Parquet file the file source of feature view `view` reads (relative to the project); unchanged content is not rewritten."
     import os, pandas as pd
     cfg = _stage_cfg(cfg)
-    views = {v.name: v for v in load_definitions(cfg)["feature_views"]}
-    if view not in views: raise NotFound(f"no feature view '{view}'; feature views: {', '.join(sorted(views))}")
-    rel = getattr(views[view].batch_source, "path", None)
-    if not rel: raise ConfigError(f"feature view '{view}' does not read a file (its source is {type(views[view].batch_source).__name__})")
+    source = _view(cfg, view).batch_source
+    rel = getattr(source, "path", None)
+    if not rel: raise ConfigError(f"feature view '{view}' does not read a file (its source is {type(source).__name__})")
     path = cfg.root / rel
     df = df.reset_index(drop=True)
     if path.is_file() and pd.read_parquet(path).equals(df): return path
@@ -302,7 +334,7 @@ def load_online(df,                        # the view's rows: its join keys, tim
     import pandas as pd
     cfg = _stage_cfg(cfg)
     write_source(df, view, cfg)
-    field = {v.name: v for v in load_definitions(cfg)["feature_views"]}[view].batch_source.timestamp_field
+    field = _view(cfg, view).batch_source.timestamp_field
     ts = pd.to_datetime(df[field], utc=True)
     out = materialize(cfg, start=ts.min().to_pydatetime(), end=(ts.max() + pd.Timedelta(seconds=1)).to_pydatetime(), views=[view])
     f = cfg.feature_store_dir / "loaded.json"

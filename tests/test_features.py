@@ -93,6 +93,36 @@ def test_cli_broken_definitions(project):
     assert "nbs/features.ipynb is missing (settings.ini feature_definitions names" in error_line(run_mlnb(project, "features", "list", check=1))
     write_definitions(project, "x = 1 / 0")
     assert "features.ipynb: code cell 3 failed: ZeroDivisionError" in error_line(run_mlnb(project, "features", "apply", check=1))
+    # Feast's own type checks of a definition's arguments (typeguard's), though the process imported Feast without them first
+    write_definitions(project, VIEW.replace("ttl=timedelta(days=30)", "ttl=30"))
+    assert 'features.ipynb: code cell 3 failed: TypeCheckError: argument "ttl" (int)' in error_line(cli(project, "features", "apply", check=1))
+
+
+READER = """
+import sys, warnings
+from mlnb import features
+from mlnb.config import load_config
+cfg = load_config(sys.argv[1])
+assert features.online_features(cfg, {"account_id": 1}) == {"account_id": 1, "n_tx_24h": 99, "usual_amount": 50.0}
+from feast import FeatureView, FileSource
+deferred = {c for c, _ in features._UNCHECKED}
+assert FeatureView in deferred and FileSource in deferred, deferred  # a process that only reads the store never instruments them
+FileSource(path=3, timestamp_field="ts")  # so a wrong argument passes here,
+features.load_definitions(cfg)  # until code that makes definitions runs
+assert not features._UNCHECKED
+try: FileSource(path=3, timestamp_field="ts")
+except Exception as e: print(type(e).__name__, e)
+"""
+
+
+def test_a_process_that_only_reads_the_store_skips_feasts_type_checks_until_definitions_run(store_project):
+    """typeguard instruments each of Feast's classes by compiling its module once per method (~2.5 s of Feast's ~3.2 s import):
+    a service's worker or `mlnb monitor` only reads the store, so the checks are instrumented only when definitions run."""
+    import subprocess, sys
+    cli_json(store_project, "features", "materialize", "--end", "2026-02-01")
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", READER, str(store_project)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith('TypeCheckError argument "path" (int) is not an instance of str'), p.stdout
 
 
 @pytest.mark.slow
