@@ -818,6 +818,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.tracking.model_lock': ('tracking.html#model_lock', 'mlnb/tracking.py'),
                                'mlnb.tracking.model_version_info': ('tracking.html#model_version_info', 'mlnb/tracking.py'),
                                'mlnb.tracking.no_uri_grammar': ('tracking.html#no_uri_grammar', 'mlnb/tracking.py'),
+                               'mlnb.tracking.notebook_pages': ('tracking.html#notebook_pages', 'mlnb/tracking.py'),
                                'mlnb.tracking.open_sweep': ('tracking.html#open_sweep', 'mlnb/tracking.py'),
                                'mlnb.tracking.pid_alive': ('tracking.html#pid_alive', 'mlnb/tracking.py'),
                                'mlnb.tracking.read_aliases': ('tracking.html#read_aliases', 'mlnb/tracking.py'),

@@ -88,6 +88,7 @@ SETTINGS = {
     "executor": _S(str, ("local", "dask"), "where stages run: local kernels, or tasks on a Dask cluster (dask_scheduler)"),
     "dask_scheduler": _S(str, "", "the Dask scheduler of executor = dask, e.g. tcp://10.0.0.5:8786 (with an empty store, the project folder must be on storage every worker reaches)"),
     "store": _S(str, "", "where products and executed notebooks are kept for every worker and checkout: empty (the state folder), or an fsspec URL such as s3://bucket/prefix or file:///mnt/shared/mlnb"),
+    "notebook_pages": _S(bool, "", "log each executed stage notebook's HTML page to MLflow beside its .ipynb (default true; false: the .ipynb only, which MLflow's UI shows as JSON)"),
     # the data, declared once (mlnb.tasks reads them)
     "task": _S(str, ("binary", "multiclass", "regression"), "what the model learns"),
     "target": _S(str, "", "the label column"),

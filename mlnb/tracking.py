@@ -15,11 +15,11 @@ from .stage import skops_digest, skops_io, TRUSTED_TYPES, MODEL_FILE, trusted_ty
 # %% auto #0
 __all__ = ['EXPERIMENT_KIND', 'LOCK', 'LEASE', 'AUDIT_ANCHOR', 'PAGES_KEPT', 'HISTORY', 'check_tracking', 'store_lock',
            'watch_store', 'model_lock', 'read_audit_anchor', 'anchor_audit_head', 'open_sweep', 'close_sweep',
-           'no_uri_grammar', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'start_sync', 'check_trusted',
-           'load_verified', 'load_version', 'copy_version_model', 'version_registered', 'register_model',
-           'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions', 'load_model', 'audit_refusal',
-           'version_artifact_path', 'version_holdout', 'version_artifact', 'log_version_artifacts', 'log_monitoring',
-           'read_aliases', 'version_tags', 'model_version_info']
+           'no_uri_grammar', 'notebook_pages', 'sync_run', 'pid_alive', 'follow_run', 'spawn_sync', 'start_sync',
+           'check_trusted', 'load_verified', 'load_version', 'copy_version_model', 'version_registered',
+           'register_model', 'alias_history', 'set_alias', 'describe_version', 'rollback', 'list_versions',
+           'load_model', 'audit_refusal', 'version_artifact_path', 'version_holdout', 'version_artifact',
+           'log_version_artifacts', 'log_monitoring', 'read_aliases', 'version_tags', 'model_version_info']
 
 # %% ../nbs/04_tracking.ipynb #0005
 def check_tracking(uri: str, timeout: float = 3.0):
@@ -934,6 +934,10 @@ def _notebook_html_of(node) -> str:
     exporter = _html_exporter()
     with _HTML["lock"]: return exporter.from_notebook_node(node)[0]
 
+def notebook_pages(cfg: Config) -> bool:
+    "Does the project log each executed notebook's HTML page beside it (setting `notebook_pages`, default true)?"
+    return cfg.flag("notebook_pages", True)
+
 PAGES_KEPT = 200  # rendered pages kept in the project's state folder (`pages/`), the least recently used dropped first
 
 def _notebook_html(nb: Path, kept: Path | None = None) -> str | None:
@@ -979,6 +983,7 @@ def sync_run(cfg: Config, run_dir: Path | str,
     rec = _read_json(run_dir / "run.json")
     if rec is None: raise NotFound(f"{run_dir} is not a run folder (no run.json)")
     tfile = run_dir / "tracking.json"
+    pages = pages and notebook_pages(cfg)
     nbs = {n: run_dir / "notebooks" / f"{n}.ipynb" for n in rec["stages"]}
     new = lambda tr: [n for n, st in rec["stages"].items() if st["status"] in ("done", "cached", "failed")
                       and tr["stages"].get(n, {}).get("attempt") != st.get("attempt")] if tr.get("synced_rev") != rec.get("rev") else []
@@ -1037,7 +1042,7 @@ def _sync_record(store, cfg: Config, rec: dict, run_dir: Path, tr: dict, new: li
             if nb.exists():
                 store.log_file(run_id, nb, "notebooks")
                 if page: page(name, run_id)
-                else: tr["pages"] = [*(n for n in tr.get("pages", []) if n != name), name]
+                elif notebook_pages(cfg): tr["pages"] = [*(n for n in tr.get("pages", []) if n != name), name]
             store.end(run_id, "FAILED" if st["status"] == "failed" else "FINISHED",
                       end_time=int((st.get("started", rec["started"]) + st.get("duration", 0)) * 1000))
         tr["stages"][name] = {"run_id": run_id, "attempt": st.get("attempt")}
@@ -1068,6 +1073,7 @@ def _warm_up(cfg: Config):
     "Pay, while a stage runs, for what the first sync needs: the HTML renderer, and mlflow's import unless mlnb writes the store itself."
     if _direct_runs(cfg) is None and not _rest_runs(cfg): _mlflow(cfg)
     no_uri_grammar()
+    if not notebook_pages(cfg): return
     import nbformat
     _notebook_html_of(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# x"), nbformat.v4.new_code_cell("x = 1")]))
 

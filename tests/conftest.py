@@ -173,6 +173,9 @@ def statuses(rec):
 @pytest.fixture
 def project(tmp_path):
     "An empty project: settings.ini and a pipeline folder; stages are added with `add_stage`."
+    # notebook_pages = false: the stages' HTML pages in MLflow are test_tracking.py's to check (its `project` turns them back
+    # on, as they are by default, and so do the reference project and `mlnb new`'s); rendering them is a process of its own
+    # after every run that executed a stage (~0.7 s of CPU), which the other tests of these small projects do not look at
     (tmp_path / "settings.ini").write_text(textwrap.dedent("""\
         [mlnb]
         pipeline = pipeline
@@ -180,6 +183,7 @@ def project(tmp_path):
         model_name = test-model
         jobs = 1
         prestart = 1
+        notebook_pages = false
         """))
     (tmp_path / "pipeline").mkdir()
     return tmp_path

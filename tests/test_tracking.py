@@ -16,6 +16,30 @@ def runs_of(c, pipeline_run_id):
     return c.search_runs([exp.experiment_id], f"tags.`mlnb.run_id` = '{pipeline_run_id}'")
 
 
+@pytest.fixture
+def project(project):
+    "This module checks the stages' HTML pages: they are on, as by default (conftest's small projects turn them off)."
+    ini = project / "settings.ini"
+    ini.write_text(ini.read_text().replace("notebook_pages = false\n", ""))
+    return project
+
+
+def test_notebook_pages_off_logs_each_notebook_without_its_page(chain):
+    ini = chain / "settings.ini"
+    ini.write_text(ini.read_text() + "notebook_pages = false\n")
+    rec = run_json(chain, "run")
+    assert rec["tracking"] == "synced", rec["tracking"]  # no process follows to render pages
+    c = client(chain)
+    logged = sorted(f.path for r in runs_of(c, rec["run_id"]) for f in c.list_artifacts(r.info.run_id, "notebooks"))
+    assert logged == ["notebooks/a.ipynb", "notebooks/b.ipynb", "notebooks/c.ipynb"]
+    assert not (chain / ".mlnb" / "pages").exists()
+    run_mlnb(chain, "sync", rec["run_id"], check=0)
+    assert sorted(f.path for r in runs_of(c, rec["run_id"]) for f in c.list_artifacts(r.info.run_id, "notebooks")) == logged
+    ini.write_text(ini.read_text().replace("notebook_pages = false", "notebook_pages = sometimes"))
+    err = run_mlnb(chain, "run", check=1).stderr
+    assert "notebook_pages" in err and "accepted: true, false" in err, err
+
+
 def test_parent_and_nested_runs(chain):
     subprocess.run(["git", "init", "-q"], cwd=chain, check=True)
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"], cwd=chain, check=True)
