@@ -6,6 +6,10 @@
   (b) online lookups: one entity at a time through `mlnb.features.online_features` (what `mlnb features get` does) and
       1,000 entities in one `get_online_features` call (what a batch of requests costs), against a primary-key SELECT in
       the hand-made table.
+  (c) importing Feast, in a fresh process that already has mlnb and pandas (CPU seconds of the import alone): Feast as it
+      imports itself (the baseline: typeguard instruments each of its classes, compiling the class's module once per
+      method), against mlnb's import for a process that only reads the store (a service's worker, `mlnb monitor`, a
+      stage's lookups) and for one that runs the definitions (the checks instrumented then).
 
 Each measurement is repeated (`--repeat`, fresh stores each time for (a)); medians. Usage:
   .venv/bin/python bench/features.py [--rows 200000] [--repeat 3] [--out bench/RESULTS-features.md]
@@ -56,6 +60,23 @@ def by_hand(project: Path, db: Path) -> float:
     return time.perf_counter() - t0
 
 
+IMPORT = """
+import sys, time
+import pandas, mlnb.features as features
+t = time.process_time()
+if sys.argv[1] == "feast": import feast
+else: features._feast(checked=sys.argv[1] == "checked")
+print(time.process_time() - t)
+"""
+
+
+def import_cpu(how: str) -> float:
+    "CPU seconds a fresh process spends importing Feast: `feast` (import feast), `mlnb` (a reader's) or `checked` (checks instrumented)."
+    import subprocess
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", IMPORT, how], capture_output=True, text=True, check=True)
+    return float(p.stdout.split()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
@@ -88,6 +109,10 @@ def main():
     one_store = (time.perf_counter() - t0) / 200
     batch = statistics.median([(lambda t: (store.get_online_features(features=refs, entity_rows=[{"account_id": k} for k in keys]).to_dict(),
                                            time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(a.repeat)])
+    cpu = {h: [] for h in ("feast", "mlnb", "checked")}
+    for _ in range(a.repeat):  # alternated, fresh processes
+        for h in cpu: cpu[h].append(import_cpu(h))
+    cpu = {h: statistics.median(v) for h, v in cpu.items()}
     con = sqlite3.connect(project / f"hand-{a.repeat - 1}.db")
     t0 = time.perf_counter()
     for k in keys: con.execute("SELECT * FROM account_stats WHERE account_id = ?", (k,)).fetchone()
@@ -104,8 +129,15 @@ def main():
              f"| `online_features` (`mlnb features get`), one entity a call | {one * 1000:.2f} | {one / sel:.0f} |",
              f"| Feast `get_online_features`, one entity a call | {one_store * 1000:.2f} | {one_store / sel:.0f} |",
              f"| Feast `get_online_features`, 1,000 entities in one call | {batch * 1000 / len(keys):.3f} | {batch / len(keys) / sel:.1f} |",
+             "", "## (c) Importing Feast (CPU seconds of a fresh process that has mlnb and pandas)", "",
+             "| what | CPU s | × baseline |", "| --- | ---: | ---: |",
+             f"| `import feast`: typeguard instruments every class at import (baseline) | {cpu['feast']:.2f} | 1.00 |",
+             f"| mlnb, a process that only reads the store (a service's worker, `mlnb monitor`, lookups) | {cpu['mlnb']:.2f} | {cpu['mlnb'] / cpu['feast']:.2f} |",
+             f"| mlnb, a process that runs the definitions (`mlnb features apply`): the checks instrumented then | {cpu['checked']:.2f} | {cpu['checked'] / cpu['feast']:.2f} |",
              "", f"Materialization: {a.rows / mat:,.0f} rows/s ({mat / hand:.1f} × the hand-made floor). A batch of requests should look "
-             f"its entities up in one call: {batch * 1000 / len(keys):.3f} ms per entity against {one_store * 1000:.2f} ms one at a time."]
+             f"its entities up in one call: {batch * 1000 / len(keys):.3f} ms per entity against {one_store * 1000:.2f} ms one at a time. "
+             f"A process that only reads the store imports Feast for {cpu['mlnb']:.2f} s of CPU instead of {cpu['feast']:.2f} s "
+             f"({cpu['mlnb'] / cpu['feast']:.2f} ×): Feast's type checks are instrumented only where definitions run."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(text)
