@@ -57,10 +57,11 @@ LONG_ALONE = ("test_new.py", "test_monitor.py")
 # they are one scope, so one worker runs them all and the stack starts once; handed out first (the longest scope).
 TEAM = ("test_stack.py", "test_dask.py", "test_team_tracking.py", "test_team_audit.py")
 TEAM_SCOPE = "team-stack"
-# Modules of small projects whose tests mostly wait (stage timeouts, Ctrl-C escalation, sleeping stages): spread among the
-# long tests above, so that a core waits while the other worker's long test keeps both busy, instead of both workers waiting
-# at the session's end.
-WAITING = ("test_pipeline.py", "test_progress.py", "test_trust_engine.py", "test_sweep.py")
+# Modules of small projects spread among the long tests above: those whose tests mostly wait (stage timeouts, Ctrl-C
+# escalation, sleeping stages), so that a core waits while the other worker's long test keeps both busy instead of both
+# workers waiting at the session's end; and test_tracking.py, whose tests of new MLflow stores take up to 20 s each and
+# would otherwise end the session on one worker. What is left after them are short tests, which end it evenly.
+SPREAD = ("test_pipeline.py", "test_progress.py", "test_trust_engine.py", "test_sweep.py", "test_tracking.py")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist already keeps every core busy: OpenMP threads in each worker's stages (scikit-learn's training) would only
@@ -72,7 +73,7 @@ def pytest_xdist_make_scheduler(config, log):
     """xdist's `loadscope` scheduling with a scope per module of ONE_WORKER, one scope for all the TEAM modules, and a
     scope per test elsewhere. (xdist's own `--dist loadgroup` does this with marks, but silently stops grouping on
     pytest 9.2: pytest-xdist#1386.) The TEAM scope goes first, then the shared modules, each followed by a test of
-    LONG_ALONE, with the tests of WAITING spread evenly among them, then the rest in order."""
+    LONG_ALONE, with the tests of SPREAD spread evenly among them, then the rest in order."""
     from collections import OrderedDict
     from xdist.scheduler import LoadScopeScheduling
     module = lambda scope: Path(scope.split("::", 1)[0]).name
@@ -86,11 +87,11 @@ def pytest_xdist_make_scheduler(config, log):
                 self.ordered = True
                 shared = [s for s in self.workqueue if module(s) in ONE_WORKER]
                 long = [s for s in self.workqueue if module(s) in LONG_ALONE]
-                waiting = [s for s in self.workqueue if module(s) in WAITING]
+                spread = [s for s in self.workqueue if module(s) in SPREAD]
                 heavy = [s for pair in zip(shared, long) for s in pair] + shared[len(long):] + long[len(shared):]
                 order = [s for s in self.workqueue if s == TEAM_SCOPE]
-                for i, s in enumerate(heavy):  # after each long one, its share of the waiting ones
-                    order += [s, *waiting[len(waiting) * i // len(heavy):len(waiting) * (i + 1) // len(heavy)]]
+                for i, s in enumerate(heavy):  # after each long one, its share of those spread
+                    order += [s, *spread[len(spread) * i // len(heavy):len(spread) * (i + 1) // len(heavy)]]
                 order += [s for s in self.workqueue if s not in set(order)]
                 self.workqueue = OrderedDict((s, self.workqueue[s]) for s in order)
             super()._assign_work_unit(node)
