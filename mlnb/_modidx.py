@@ -172,6 +172,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.features._key_value': ('features.html#_key_value', 'mlnb/features.py'),
                                'mlnb.features._kind': ('features.html#_kind', 'mlnb/features.py'),
                                'mlnb.features._materialize': ('features.html#_materialize', 'mlnb/features.py'),
+                               'mlnb.features._names': ('features.html#_names', 'mlnb/features.py'),
                                'mlnb.features._project_name': ('features.html#_project_name', 'mlnb/features.py'),
                                'mlnb.features._rows_key': ('features.html#_rows_key', 'mlnb/features.py'),
                                'mlnb.features._stage_cfg': ('features.html#_stage_cfg', 'mlnb/features.py'),

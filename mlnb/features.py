@@ -25,7 +25,7 @@ _FEAST_MODULES = ("feast", "feast.feature_store", "feast.feature_view", "feast.o
 
 _UNCHECKED: list = []  # Feast's @typechecked classes whose type checks are not instrumented yet: (class, decorator options)
 
-def _feast(checked: bool = False, # with typeguard's checks of Feast's classes (for a person's definitions)
+def _feast(checked: bool | set = False, # with typeguard's checks of Feast's classes (True); a set: of those it names
           ):
     """Import feast without what its modules do to the whole process on import: `warnings.simplefilter("once", DeprecationWarning)`
     would make every library's deprecation warnings print (in `mlnb build`, in a stage's output).
@@ -35,7 +35,9 @@ def _feast(checked: bool = False, # with typeguard's checks of Feast's classes (
     process that reads the store (a service's workers, `mlnb monitor`, a stage's lookups). The checks turn a wrong argument in
     a definition into a clear error (`argument "ttl" (int) is not an instance of timedelta`); a process that only reads the
     store makes its objects from the registry, never from a person's code. So the classes are instrumented when code that
-    makes them runs: `checked=True` (what `load_definitions` asks) instruments them then, as they would have been at import."""
+    makes them runs, as they would have been at import: `checked=True` all of them; a set of names (what `load_definitions`
+    passes: the names its code cells use) those it names, compared without case and underscores (`on_demand_feature_view`
+    names `OnDemandFeatureView`), and their bases; the others stay as they are until code names them."""
     if _FEAST_MODULES[-1] not in sys.modules:
         import importlib, warnings
         try: import typeguard
@@ -53,8 +55,11 @@ def _feast(checked: bool = False, # with typeguard's checks of Feast's classes (
                 if real: typeguard.typechecked = real
     if checked and _UNCHECKED:
         import typeguard
-        while _UNCHECKED:  # base classes first, as at import
-            cls, options = _UNCHECKED.pop(0)
+        key = lambda name: name.replace("_", "").lower()
+        named = {key(n) for n in checked} if isinstance(checked, (set, frozenset)) else None
+        wanted = {b for c, _ in _UNCHECKED if named is None or key(c.__name__) in named for b in c.__mro__}
+        for cls, options in [e for e in _UNCHECKED if e[0] in wanted]:  # base classes first, as at import
+            _UNCHECKED.remove((cls, options))
             typeguard.typechecked(cls, **options)
 
 def _kind(obj) -> str | None:
@@ -81,13 +86,27 @@ def _definitions(cfg: Config) -> Path:
                        "the notebook that defines the entities, sources and feature views)")
     return path
 
+def _names(cells: list) -> set:
+    "Every name the code uses: names, attributes and what it imports (a cell Python cannot parse names nothing: it fails when it runs)."
+    import ast
+    out = set()
+    for src in cells:
+        try: tree = ast.parse(src)
+        except SyntaxError: continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name): out.add(node.id)
+            elif isinstance(node, ast.Attribute): out.add(node.attr)
+            elif isinstance(node, ast.alias): out.add(node.name.rsplit(".", 1)[-1])
+    return out
+
 def load_definitions(cfg: Config) -> dict:
     "Run the code cells of the definitions notebook (`feature_definitions`) and collect the Feast objects it makes, by kind."
     path = _definitions(cfg)
     ns = {"__name__": "__mlnb_features__"}
-    _feast(checked=True)  # before the notebook's own `from feast import ...`; a wrong argument in a definition is a clear error
+    cells = _code_cells(path)
+    _feast(checked=_names(cells))  # before the notebook's own `from feast import ...`; a wrong argument in a definition is a clear error
     with contextlib.chdir(cfg.root):  # as from the project folder, wherever the caller runs (a stage runs in its notebook's folder)
-        for i, src in enumerate(_code_cells(path), 1):
+        for i, src in enumerate(cells, 1):
             try: exec(compile(src, f"{path.name} code cell {i}", "exec"), ns)
             except Exception as e:  # on one line (typeguard's messages take one per alternative of a union)
                 first, *more = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
