@@ -843,9 +843,18 @@ def _interrupt_kernel(km):
     except Exception: pass  # already gone
 
 # %% ../nbs/05_pipeline.ipynb #0024
-def _import_papermill():
+def _import_papermill(hdfs: bool = True, # False: without papermill's HDFS handler (see below)
+                     ):
+    """Import papermill. With `hdfs=False` (a run's own process, while nothing else there imports pyarrow), papermill's
+    handler of hdfs:// notebook paths is left out: its `import pyarrow.fs` is a third of papermill's import (~0.1 s of CPU in
+    every run that executes a stage), and mlnb reads and writes stage notebooks on local paths only. papermill then holds
+    its stub that says pyarrow is missing, as when pyarrow is not installed; `pyarrow.fs` imports as usual afterwards."""
     no_uri_grammar()
-    import papermill  # noqa: F401
+    if "papermill" in sys.modules: return
+    skip = not hdfs and "pyarrow.fs" not in sys.modules and sys.modules.setdefault("pyarrow.fs", None) is None
+    try: import papermill  # noqa: F401
+    finally:
+        if skip and sys.modules.get("pyarrow.fs", 0) is None: del sys.modules["pyarrow.fs"]
 
 # %% ../nbs/05_pipeline.ipynb #0025
 class _Stopped(RuntimeError):
@@ -1650,7 +1659,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
                     pool.forget(n)
                     complete(n, key, *reuse); continue
                 if not warmed:  # something will execute: import papermill while the first kernel starts
-                    warmed = True; threading.Thread(target=_import_papermill, daemon=True).start()
+                    warmed = True; threading.Thread(target=_import_papermill, args=(False,), daemon=True).start()
                 pool.fill()
                 run.set(n, status="queued", key=key)
                 queued.append((n, key))

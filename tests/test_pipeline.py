@@ -18,6 +18,21 @@ def edit_cell(nb_path, index, new_source=None, **changes):
     Path(nb_path).write_text(json.dumps(nb, indent=1))
 
 
+def test_a_runs_process_leaves_out_papermills_hdfs_handler_and_pyarrow(chain):
+    """papermill's handler of hdfs:// paths imports pyarrow.fs (a third of papermill's import, in every run that executes a
+    stage); a run's process leaves it out, and pyarrow.fs still imports afterwards for whoever asks."""
+    import sys
+    script = ("import sys; from mlnb.cli import main\n"
+              "try: main(sys.argv[1:])\n"
+              "except SystemExit as e: assert not e.code, e.code\n"
+              "assert 'papermill' in sys.modules and 'pyarrow' not in sys.modules, 'imported pyarrow'\n"
+              "import pyarrow.fs, papermill.iorw\n"
+              "print(papermill.iorw.HadoopFileSystem.__name__, pyarrow.fs.LocalFileSystem.__name__)")
+    p = subprocess.run([sys.executable, "-c", script, "--project", str(chain), "run", "--force"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-2:] == ["missing_dep", "LocalFileSystem"], p.stdout
+
+
 def test_cold_then_fully_reused(chain):
     first = run_json(chain, "run")
     assert statuses(first) == {"a": "done", "b": "done", "c": "done"}
