@@ -65,7 +65,7 @@ import json, sys, time
 import pandas, mlnb.features as features
 t = time.process_time()
 if sys.argv[1] == "feast": import feast
-else: features._feast(checked=features._names(json.loads(sys.argv[2])) if sys.argv[1] == "checked" else False)
+else: features._feast(features._names(json.loads(sys.argv[2])) if sys.argv[1] == "checked" else frozenset())
 print(time.process_time() - t)
 """
 

@@ -180,6 +180,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.features._utc': ('features.html#_utc', 'mlnb/features.py'),
                                'mlnb.features._view': ('features.html#_view', 'mlnb/features.py'),
                                'mlnb.features._view_version': ('features.html#_view_version', 'mlnb/features.py'),
+                               'mlnb.features._write_source': ('features.html#_write_source', 'mlnb/features.py'),
                                'mlnb.features.apply_definitions': ('features.html#apply_definitions', 'mlnb/features.py'),
                                'mlnb.features.definitions_digest': ('features.html#definitions_digest', 'mlnb/features.py'),
                                'mlnb.features.ensure_applied': ('features.html#ensure_applied', 'mlnb/features.py'),

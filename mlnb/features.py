@@ -25,7 +25,7 @@ _FEAST_MODULES = ("feast", "feast.feature_store", "feast.feature_view", "feast.o
 
 _UNCHECKED: list = []  # Feast's @typechecked classes whose type checks are not instrumented yet: (class, decorator options)
 
-def _feast(checked: bool | set = False, # with typeguard's checks of Feast's classes (True); a set: of those it names
+def _feast(names: set = frozenset(), # names code is about to use: typeguard's checks of the Feast classes they name
           ):
     """Import feast without what its modules do to the whole process on import: `warnings.simplefilter("once", DeprecationWarning)`
     would make every library's deprecation warnings print (in `mlnb build`, in a stage's output).
@@ -35,9 +35,9 @@ def _feast(checked: bool | set = False, # with typeguard's checks of Feast's cla
     process that reads the store (a service's workers, `mlnb monitor`, a stage's lookups). The checks turn a wrong argument in
     a definition into a clear error (`argument "ttl" (int) is not an instance of timedelta`); a process that only reads the
     store makes its objects from the registry, never from a person's code. So the classes are instrumented when code that
-    makes them runs, as they would have been at import: `checked=True` all of them; a set of names (what `load_definitions`
-    passes: the names its code cells use) those it names, compared without case and underscores (`on_demand_feature_view`
-    names `OnDemandFeatureView`), and their bases; the others stay as they are until code names them."""
+    makes them runs, as they would have been at import: `names` (what `load_definitions` passes: the names its code cells
+    use) instruments the classes they name, compared without case and underscores (`on_demand_feature_view` names
+    `OnDemandFeatureView`), and their bases; the others stay as they are until code names them."""
     if _FEAST_MODULES[-1] not in sys.modules:
         import importlib, warnings
         try: import typeguard
@@ -53,11 +53,11 @@ def _feast(checked: bool | set = False, # with typeguard's checks of Feast's cla
                 for m in _FEAST_MODULES: importlib.import_module(m)
             finally:
                 if real: typeguard.typechecked = real
-    if checked and _UNCHECKED:
+    if names and _UNCHECKED:
         import typeguard
         key = lambda name: name.replace("_", "").lower()
-        named = {key(n) for n in checked} if isinstance(checked, (set, frozenset)) else None
-        wanted = {b for c, _ in _UNCHECKED if named is None or key(c.__name__) in named for b in c.__mro__}
+        named = {key(n) for n in names}
+        wanted = {b for c, _ in _UNCHECKED if key(c.__name__) in named for b in c.__mro__}
         for cls, options in [e for e in _UNCHECKED if e[0] in wanted]:  # base classes first, as at import
             _UNCHECKED.remove((cls, options))
             typeguard.typechecked(cls, **options)
@@ -104,7 +104,7 @@ def load_definitions(cfg: Config) -> dict:
     path = _definitions(cfg)
     ns = {"__name__": "__mlnb_features__"}
     cells = _code_cells(path)
-    _feast(checked=_names(cells))  # before the notebook's own `from feast import ...`; a wrong argument in a definition is a clear error
+    _feast(_names(cells))  # before the notebook's own `from feast import ...`; a wrong argument in a definition is a clear error
     with contextlib.chdir(cfg.root):  # as from the project folder, wherever the caller runs (a stage runs in its notebook's folder)
         for i, src in enumerate(cells, 1):
             try: exec(compile(src, f"{path.name} code cell {i}", "exec"), ns)
@@ -263,11 +263,14 @@ def write_source(df,                        # the rows the view reads: its join 
                  cfg: Config | None = None, # default: the project of the running stage
                 ) -> Path:
     "Write `df` as the Parquet file the file source of feature view `view` reads (relative to the project); unchanged content is not rewritten."
-    import os, pandas as pd
     cfg = _stage_cfg(cfg)
-    source = _view(cfg, view).batch_source
+    return _write_source(df, _view(cfg, view), cfg)
+
+def _write_source(df, view, cfg: Config) -> Path:
+    import os, pandas as pd
+    source = view.batch_source
     rel = getattr(source, "path", None)
-    if not rel: raise ConfigError(f"feature view '{view}' does not read a file (its source is {type(source).__name__})")
+    if not rel: raise ConfigError(f"feature view '{view.name}' does not read a file (its source is {type(source).__name__})")
     path = cfg.root / rel
     df = df.reset_index(drop=True)
     if path.is_file() and pd.read_parquet(path).equals(df): return path
@@ -352,8 +355,9 @@ def load_online(df,                        # the view's rows: its join keys, tim
     "Write `df` as the file source of `view` and materialize its whole time span: the online store then holds each entity's newest row of `df`."
     import pandas as pd
     cfg = _stage_cfg(cfg)
-    write_source(df, view, cfg)
-    field = _view(cfg, view).batch_source.timestamp_field
+    v = _view(cfg, view)  # the store read once
+    _write_source(df, v, cfg)
+    field = v.batch_source.timestamp_field
     ts = pd.to_datetime(df[field], utc=True)
     out = materialize(cfg, start=ts.min().to_pydatetime(), end=(ts.max() + pd.Timedelta(seconds=1)).to_pydatetime(), views=[view])
     f = cfg.feature_store_dir / "loaded.json"

@@ -92,7 +92,8 @@ def pytest_xdist_make_scheduler(config, log):
                 order = [s for s in self.workqueue if s == TEAM_SCOPE]
                 for i, s in enumerate(heavy):  # after each long one, its share of those spread
                     order += [s, *spread[len(spread) * i // len(heavy):len(spread) * (i + 1) // len(heavy)]]
-                order += [s for s in self.workqueue if s not in set(order)]
+                placed = set(order)
+                order += [s for s in self.workqueue if s not in placed]
                 self.workqueue = OrderedDict((s, self.workqueue[s]) for s in order)
             super()._assign_work_unit(node)
     return ModulesTogether(config, log)
