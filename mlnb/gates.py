@@ -67,8 +67,11 @@ def gate_names(task: Task, report: dict | list | None = None) -> list:
     return list(dict.fromkeys(names + [g["gate"] for g in ran]))
 
 # %% ../nbs/08_gates.ipynb #0007
-def latency_p95_ms(task: Task, model, X, n: int = 100, rounds: int = 3) -> float:
-    "p95 of single-record answers, in ms, with one OpenMP thread as served; the best of `rounds` rounds."
+def latency_p95_ms(task: Task, model, X, n: int = 100, rounds: int = 3,
+                   enough: float | None = None, # ms: a round whose p95 is at most this ends the measurement
+                  ) -> float:
+    """p95 of single-record answers, in ms, with one OpenMP thread as served; the best of `rounds` rounds, or the first round
+    within `enough` (the gate's limit: more rounds could only lower the value, and the gate passes either way)."""
     import numpy as np
     from threadpoolctl import threadpool_limits
     rows = [X.iloc[[i % len(X)]] for i in range(n)]
@@ -80,6 +83,7 @@ def latency_p95_ms(task: Task, model, X, n: int = 100, rounds: int = 3) -> float
             for r in rows:
                 t0 = time.perf_counter(); predict(task, model, r); times.append(time.perf_counter() - t0)
             p95s.append(np.percentile(times, 95))
+            if enough is not None and p95s[-1] * 1000 <= enough: break
     return float(min(p95s) * 1000)
 
 def model_mb(model) -> float:
@@ -122,7 +126,7 @@ def check_gates(model, holdout, task: Task, limits: dict, custom: tuple | list =
                 gname = name if len(task.sensitive) == 1 else f"{name}_{col}"
                 results.append(_gate(gname, fair["differences"][k], limit, False, f"{FAIRNESS[task.kind][k][1]} across {col}"))
     if "max_p95_ms" in limits:
-        results.append(_gate("max_p95_latency", latency_p95_ms(task, model, X), limits["max_p95_ms"], False, "p95 single-record latency", " ms"))
+        results.append(_gate("max_p95_latency", latency_p95_ms(task, model, X, enough=limits["max_p95_ms"]), limits["max_p95_ms"], False, "p95 single-record latency", " ms"))
     if "max_mb" in limits:
         results.append(_gate("max_model_size", model_mb(model), limits["max_mb"], False, "model size", " MB"))
     results += [_custom(fn, model, holdout, task) for fn in custom]

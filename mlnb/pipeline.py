@@ -17,9 +17,9 @@ from . import store as stores  # light: fsspec is imported when a store is opene
 # %% auto #0
 __all__ = ['FEATURE_CALLS', 'WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'Stage', 'read_stage', 'Pipeline', 'discover',
            'write_stage', 'resolve_params', 'env_digest', 'input_digests', 'uses_feature_store', 'notebook_digest',
-           'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id', 'KernelPool', 'failure_text',
-           'dask_address', 'dask_workers', 'DaskStages', 'RunOptions', 'load_run', 'list_runs', 'verify_entry',
-           'clean_leftovers', 'run_pipeline']
+           'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id', 'warm_imports', 'KernelPool',
+           'failure_text', 'dask_address', 'dask_workers', 'DaskStages', 'RunOptions', 'load_run', 'list_runs',
+           'verify_entry', 'clean_leftovers', 'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Stage:
     settings: tuple = ()  # `[mlnb]` keys (glob patterns) whose values, after `MLNB_*` overrides, enter the cache key
     deterministic: bool = True  # False: reruns may make different bytes (timings, registry state); `mlnb reproduce` expects that
     imports: tuple = ()  # (statement, top-level modules) of the imports it starts with: what its kernel may import before it starts
+    calls: tuple = ()  # the functions of mlnb's modules its code calls (`steps.register`): see `warm_imports`
 
     @property
     def code_digest(self) -> str:
@@ -59,6 +60,31 @@ def _leading_imports(sources: list,       # the stage's code cells, in order
             elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant): continue  # a docstring
             else: return tuple(out)  # code that may change what an import finds (sys.path, os.environ, the cwd): stop here
     return tuple(out)
+
+def _mlnb_calls(sources: list) -> tuple:
+    "The functions of mlnb's own modules the stage's code calls, as `module.function` (`steps.register`), however it imported them."
+    trees = []
+    for src in sources:
+        try: trees.append(ast.parse(src))
+        except SyntaxError: continue  # a cell with a magic: its calls are not read
+    mods, funcs, calls = {}, {}, []  # local name -> mlnb module ("" for mlnb itself); local name -> module.function
+    for node in (n for t in trees for n in ast.walk(t)):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module == "mlnb":
+            mods.update({a.asname or a.name: a.name for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("mlnb."):
+            funcs.update({a.asname or a.name: f"{node.module[5:]}.{a.name}" for a in node.names})
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("mlnb.") and a.asname: mods[a.asname] = a.name[5:]
+                elif a.name.split(".")[0] == "mlnb": mods[a.asname or "mlnb"] = "" if not a.asname or a.name == "mlnb" else a.name[5:]
+    for node in (n for t in trees for n in ast.walk(t)):
+        if not isinstance(node, ast.Call): continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in funcs: calls.append(funcs[f.id])
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and mods.get(f.value.id): calls.append(f"{mods[f.value.id]}.{f.attr}")
+        elif (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute) and isinstance(f.value.value, ast.Name)
+              and mods.get(f.value.value.id) == ""): calls.append(f"{f.value.attr}.{f.attr}")  # mlnb.steps.register(...)
+    return tuple(dict.fromkeys(calls))
 
 def _parse_parameters(src: str, path: Path) -> dict:
     try: tree = ast.parse(src)
@@ -103,7 +129,7 @@ def read_stage(path: Path | str) -> Stage:
     run = [c for c in cells if c.get("cell_type") == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     code = tuple(_src(c) for c in run)
     imports = _leading_imports(list(code), next(i for i, c in enumerate(run) if c is pcells[0]))
-    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings), deterministic, imports)
+    return Stage(path.stem, path, tuple(upstream), params, code, tuple(inputs), tuple(settings), deterministic, imports, _mlnb_calls(list(code)))
 
 # %% ../nbs/05_pipeline.ipynb #0007
 @dataclass
@@ -363,7 +389,7 @@ def make_imports(plan, name, after=lambda: None):
 '''
 
 _ZYGOTE = r'''
-import importlib.util, json, os, select, signal, sys
+import gc, importlib.util, json, os, select, signal, sys
 if sys.path and sys.path[0] in ("", os.getcwd()): del sys.path[0]
 launcher = importlib.util.find_spec("ipykernel_launcher").origin
 sys.modules["debugpy"] = None
@@ -397,6 +423,8 @@ while True:
         req = json.loads(line)
         make_imports(req.get("preload") or (), "__mlnb_preload__", reap)  # before the fork: every kernel forked later has them too;
         # reap: a kernel that ends meanwhile is reported after each import, not after the last
+        gc.freeze()  # what the zygote holds moves out of the collector's generations: a kernel's collections never walk (and so
+        # never copy, page by page) the objects it inherits, which are the zygote's imports and live as long as it does
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -537,7 +565,32 @@ finally:
 # kernel or in a stage. Anything else a stage imports (a module that reads the stage's context or looks for the kernel's
 # shell or comms at import: mlnb.stage.context(), tqdm.auto, widgets, a project's own code) is imported in its own kernel.
 _PRELOADABLE = frozenset({"numpy", "pandas", "scipy", "sklearn", "skops", "pyarrow", "polars", "statsmodels", "xgboost", "lightgbm",
-                          "pandera", "fairlearn"})
+                          "pandera", "fairlearn", "matplotlib", "mlflow", "feast"})
+
+# Feast as mlnb imports it: its classes' typeguard checks deferred until definitions code that names them runs (`features._feast`)
+_FEAST = "from mlnb.features import _feast; _feast()"
+
+# The libraries mlnb's own functions import when they are called (inside them, so that `from mlnb import steps` stays light),
+# and how a kernel imports them ahead: `module.function` a stage calls -> libraries
+_CALL_LIBS = {"steps.validate": ("pandera",), "steps.evaluate": ("matplotlib",), "steps.register": ("pandera", "matplotlib", "mlflow"),
+              **dict.fromkeys([f"features.{f}" for f in ("training_frame", "write_source", "materialize", "load_online", "online_features",
+                                                         "freshness", "skew", "list_views", "apply_definitions", "load_definitions",
+                                                         "open_store")], ("feast",))}
+_LIB_IMPORT = {"pandera": "import pandera.pandas", "matplotlib": "import matplotlib.pyplot", "mlflow": "import mlflow",
+               "fairlearn": "import fairlearn.metrics", "feast": _FEAST}
+
+def warm_imports(stage: Stage, cfg: Config) -> tuple:
+    """What `stage`'s kernel imports before the stage starts: the imports it starts with (`Stage.imports`), then the libraries
+    the mlnb functions it calls import when they run (`Stage.calls`): pandera for `steps.validate`, matplotlib for the plots of
+    `steps.evaluate`, MLflow (and its database store, for a database tracking URI) for `steps.register`, Feast for the
+    feature store's functions, fairlearn for a project's `sensitive` attribute."""
+    libs = dict.fromkeys(lib for c in stage.calls for lib in _CALL_LIBS.get(c, ()))
+    if cfg.get("sensitive") and {"steps.evaluate", "steps.gate", "steps.register"} & set(stage.calls): libs["fairlearn"] = None
+    extra = [(_LIB_IMPORT[lib], (lib,)) for lib in libs]
+    if "mlflow" in libs and cfg.tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        extra.append(("import mlflow.store.tracking.sqlalchemy_store, mlflow.store.model_registry.sqlalchemy_store", ("mlflow",)))
+    have = {s for s, _ in stage.imports}
+    return tuple(stage.imports) + tuple(x for x in extra if x[0] not in have)
 
 def _warm_code(imports: tuple) -> str:
     "What a started-ahead kernel runs, silently, to make the imports `imports` before its stage starts; it binds no name of the stage's."
@@ -684,11 +737,13 @@ class KernelPool:
 
     def _preload(self, stage: str) -> list:
         """What the run's zygote imports before it forks `stage`'s kernel, so that this kernel and every one forked after it start
-        with it: those of the stage's leading imports that are of `_PRELOADABLE` libraries and, when the stage imports mlnb in a run
-        whose stages import scikit-learn, skops' persistence (what `stage.save` and `stage.load` of a model import, all of
-        scikit-learn with it)."""
+        with it: those of the stage's warm-up imports (`warm_imports`) that are of `_PRELOADABLE` libraries, Feast as mlnb imports
+        it, and, when the stage imports mlnb in a run whose stages import scikit-learn, skops' persistence (what `stage.save` and
+        `stage.load` of a model import, all of scikit-learn with it)."""
         imports = self._plan.get(stage) or ()
         plan = [(s, list(t)) for s, t in imports if set(t) <= _PRELOADABLE]
+        feast = next((i for i, (_, t) in enumerate(plan) if "feast" in t), None)
+        if feast is not None and plan[feast][0] != _FEAST: plan.insert(feast, (_FEAST, ["feast"]))  # a stage's own `import feast` too
         if any("mlnb" in t for _, t in imports) and any("sklearn" in t for other in list(self._plan.values()) for _, t in other):
             plan.append(("from mlnb.stage import skops_io; skops_io()", ["skops"]))  # mlnb.stage imports nothing of the project's
         return plan
@@ -1151,6 +1206,7 @@ class DaskStages:
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; start one with `dask scheduler` "
                               "and `dask worker ADDRESS`, or `mlnb stack up`, or set executor = local") from None
         self.events = (f"mlnb-stop-{run_id}", f"mlnb-kill-{run_id}")
+        self.plan = {}  # stage -> what its kernel imports before it starts (`warm_imports`); by default its leading imports
         self._stop, self._kill = Event(self.events[0], client=self.client), Event(self.events[1], client=self.client)
         self._stop.clear(); self._kill.clear()
 
@@ -1166,6 +1222,7 @@ class DaskStages:
         "Run `stage` on a worker and wait; returns which worker ran it. Raises `StageFailed` (a worker that died included) or KeyboardInterrupt."
         key = f"mlnb-{stage.name}-{secrets.token_hex(4)}"
         claim = f"{key}-claim"  # a Dask variable: which worker took it (Dask runs it again elsewhere if that one dies)
+        stage = replace(stage, imports=self.plan.get(stage.name, stage.imports))  # what its kernel on the worker imports ahead
         fut = self.client.submit(_stage_task, stage, params, ctx, str(out_nb), self.kernel, self.env, timeout, self.events,
                                  claim, self.digest, job, pure=False, key=key)
         from distributed import TimeoutError as DaskTimeout, Variable
@@ -1502,15 +1559,17 @@ def run_pipeline(cfg: Config,                       # the project's settings
     env = env_digest(cfg.kernel)
     kenv = {**os.environ, "MLNB_PROJECT": str(cfg.root), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # the run's: every stage's kernel gets the same
     address = dask_address(cfg, opts.scheduler)
+    warm = {n: warm_imports(s, cfg) for n, s in pipeline.stages.items() if n in run.selected}  # in run order
     if address:
         try:
             if store is not None: _check_worker_settings(cfg, store)
             pool = DaskStages(address, run.run_id, cfg.kernel, kenv, store)
+            pool.plan = warm
         except BaseException:
             run.rec.update(status="failed", ended=time.time()); run.finish("failed"); run.save(); raise
         run.rec["executor"] = {"dask": address}
     else:
-        pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, {n: s.imports for n, s in pipeline.stages.items() if n in run.selected})
+        pool = KernelPool(cfg.kernel, pipeline.folder, kenv, cfg.prestart, warm)
         run.rec["executor"] = "local"
     jobs = opts.jobs or (pool.threads() if address else cfg.jobs)
     digests, entries, failed = {}, {}, []

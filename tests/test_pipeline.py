@@ -300,6 +300,24 @@ def test_a_stages_numerical_imports_are_made_once_in_the_zygote_its_kernel_is_fo
     assert product(project, rec, "fit", "seen") == {"zygote": True, "sklearn_in_zygote": True}
 
 
+def test_the_libraries_of_the_mlnb_functions_a_stage_calls_are_imported_once_in_the_zygote(project):
+    """`steps.evaluate` imports matplotlib inside, when it runs. A stage whose code calls it (read from its cells, not run:
+    this one never makes the call) starts in a kernel forked from a zygote that imported matplotlib first, so matplotlib's
+    compiled modules are mapped in the kernel's parent; a stage that calls nothing that needs it leaves it out. Every
+    kernel's collector leaves alone the objects it inherits from the zygote (frozen there before the fork)."""
+    look = ("import gc, os\nparent = os.getppid()\n"
+            "seen = {'matplotlib_in_zygote': '/matplotlib/' in open(f'/proc/{parent}/maps').read(), 'frozen': gc.get_freeze_count() > 1000}\n"
+            "stage.save('seen', seen)")
+    add_stage(project, "plain", "upstream = []", "from mlnb import stage, steps", look)
+    rec = run_json(project, "run")
+    assert product(project, rec, "plain", "seen") == {"matplotlib_in_zygote": False, "frozen": True}
+    add_stage(project, "report", "upstream = ['plain']", "from mlnb import stage, steps", look,
+              "if not seen: steps.evaluate(stage.load('model'), stage.load('holdout'))")
+    rec = run_json(project, "run")
+    assert statuses(rec) == {"plain": "cached", "report": "done"}
+    assert product(project, rec, "report", "seen") == {"matplotlib_in_zygote": True, "frozen": True}
+
+
 def test_a_warmed_module_is_imported_before_the_stage_starts(warmed):
     """pandas, which the stage imports first thing, is in sys.modules before its first cell runs; a kernel's warm-up makes its
     own stage's imports only (the numerical libraries another stage imports may be there already: imported once, in the
