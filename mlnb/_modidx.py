@@ -576,6 +576,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mlnb.stage.trusted_types': ('stage.html#trusted_types', 'mlnb/stage.py')},
             'mlnb.steps': { 'mlnb.steps._digest': ('steps.html#_digest', 'mlnb/steps.py'),
                             'mlnb.steps._inside': ('steps.html#_inside', 'mlnb/steps.py'),
+                            'mlnb.steps._plots': ('steps.html#_plots', 'mlnb/steps.py'),
                             'mlnb.steps._printed': ('steps.html#_printed', 'mlnb/steps.py'),
                             'mlnb.steps._stage_params': ('steps.html#_stage_params', 'mlnb/steps.py'),
                             'mlnb.steps.contract_path': ('steps.html#contract_path', 'mlnb/steps.py'),

@@ -147,7 +147,8 @@ def stage_notebooks(task: str, data: str | None,
         ("code", 'upstream = ["split", "train", "evaluate"]\nsettings = ["gate_*", "promotion", "model_name", "policy_*"]\n'
                  'inputs = ["nbs/pipeline/_model_card.ipynb"]\ndeterministic = False', ["parameters"]),
         ("code", "from mlnb import stage, steps"),
-        ("code", 'steps.register(stage.load("model"), stage.load("train"), stage.load("holdout"), gates=stage.load("gates"))'),
+        ("code", 'steps.register(stage.load("model"), stage.load("train"), stage.load("holdout"), gates=stage.load("gates"),\n'
+                  '               plots=stage.load("evaluation_plots"))'),
     ])
     return nbs
 

@@ -96,15 +96,19 @@ def split(df, holdout_fraction: float = 0.25, seed: int = 0) -> tuple:
 
 # %% ../nbs/13_steps.ipynb #0011
 def evaluate(model, holdout, plots: bool = True) -> dict:
-    "Every metric of the task on the holdout, saved as the product `holdout_metrics` and logged; in a notebook, the evaluation plots below it."
+    """Every metric of the task on the holdout, saved as the product `holdout_metrics` and logged; in a notebook, the
+    evaluation plots below it, saved as the product `evaluation_plots` (PNG, base64) for the model card of `register`."""
     from mlnb.tasks import evaluate as task_metrics
     t = task()
     metrics = task_metrics(t, model, *t.split(holdout))
     stage.save("holdout_metrics", metrics)
     stage.log_metrics(metrics)
     if plots:
+        import base64
         from mlnb.governance import evaluation_plots, show_plots
-        show_plots(evaluation_plots(resolved(t, model), model, holdout))
+        pngs = evaluation_plots(resolved(t, model), model, holdout)
+        show_plots(pngs)
+        stage.save("evaluation_plots", {name: base64.b64encode(png).decode() for name, png in pngs.items()})
     return metrics
 
 def gate(model, holdout, custom: list | tuple = ()) -> dict:
@@ -145,11 +149,23 @@ def _printed(model) -> str:
         with sklearn.config_context(print_changed_only=True): return " ".join(repr(est).split())
     return one(model)
 
+def _plots(saved) -> dict:
+    "The PNG plots of the product `evaluation_plots` (`{file name: base64}`), checked."
+    import base64, binascii
+    png = lambda v: isinstance(v, str) and base64.b64decode(v[:24] + "=" * (-len(v[:24]) % 4)).startswith(b"\x89PNG")
+    try: ok = isinstance(saved, dict) and all(isinstance(k, str) and k.endswith(".png") and png(v) for k, v in saved.items())
+    except (binascii.Error, ValueError): ok = False
+    if not ok:
+        raise ConfigError(f"plots= takes the product evaluation_plots that steps.evaluate saves ({{'name.png': base64 PNG}}), "
+                          f"as plots=stage.load('evaluation_plots'); got {type(saved).__name__} {str(saved)[:80]!r}")
+    return {k: base64.b64decode(v) for k, v in saved.items()}
+
 def register(model,                 # the fitted model: a scikit-learn estimator or Pipeline, raw features in
              train, holdout,         # the training data and the holdout, as tables with the target
              gates: dict | None = None, # the gate report of an earlier stage (`steps.gate`); default: run the gates here
              custom: list | tuple = (),  # the project's own gates, when they are run here
              reference_rows: int = 5000, # rows of training data kept as the monitoring reference
+             plots: dict | None = None,  # the plots `steps.evaluate` saved for this model and holdout (`stage.load("evaluation_plots")`); default: made here
              interactive: bool = False,  # register even from a notebook run by hand (outside `mlnb run`), on purpose
             ) -> dict:
     "Register `model` as a version of the project's model, decide its promotion and write its card; raises `GateFailed` when a gate failed."
@@ -158,6 +174,7 @@ def register(model,                 # the fitted model: a scikit-learn estimator
     from mlnb.gates import decide_promotion, raise_for_gates, check_gates, gate_limits
     from mlnb.governance import model_card, card_html, evaluation_plots
     cfg, ctx = project(), stage.context()
+    if plots is not None: plots = _plots(plots)  # refused before anything is registered
     t = resolved(task_of(cfg), model)
     X_train, _ = t.split(train)
     features = list(X_train.columns)
@@ -189,7 +206,7 @@ def register(model,                 # the fitted model: a scikit-learn estimator
     stage.save("promotion", decision)
     try: data_digest = stage.digest("train")
     except NotFound: data_digest = None
-    plots = evaluation_plots(t, model, holdout)
+    if plots is None: plots = evaluation_plots(t, model, holdout)
     card = model_card(cfg, version["version"], metrics, decision, train, holdout, t,
                       run={"run_id": ctx.get("run_id"), "git": ctx.get("git"), "data_digest": data_digest}, plots=list(plots),
                       params=_stage_params(ctx), estimator=_printed(model))
