@@ -79,11 +79,12 @@ def _mlnb_calls(sources: list) -> tuple:
                 elif a.name.split(".")[0] == "mlnb": mods[a.asname or "mlnb"] = "" if not a.asname or a.name == "mlnb" else a.name[5:]
     for node in (n for t in trees for n in ast.walk(t)):
         if not isinstance(node, ast.Call): continue
-        f = node.func
-        if isinstance(f, ast.Name) and f.id in funcs: calls.append(funcs[f.id])
-        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and mods.get(f.value.id): calls.append(f"{mods[f.value.id]}.{f.attr}")
+        f, name = node.func, None
+        if isinstance(f, ast.Name) and f.id in funcs: name = funcs[f.id]
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and mods.get(f.value.id): name = f"{mods[f.value.id]}.{f.attr}"
         elif (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute) and isinstance(f.value.value, ast.Name)
-              and mods.get(f.value.value.id) == ""): calls.append(f"{f.value.attr}.{f.attr}")  # mlnb.steps.register(...)
+              and mods.get(f.value.value.id) == ""): name = f"{f.value.attr}.{f.attr}"  # mlnb.steps.register(...)
+        if name: calls += [name, *(f"{name}({k.arg}=)" for k in node.keywords if k.arg)]  # and the arguments it names
     return tuple(dict.fromkeys(calls))
 
 def _parse_parameters(src: str, path: Path) -> dict:
@@ -576,6 +577,8 @@ _CALL_LIBS = {"steps.validate": ("pandera",), "steps.evaluate": ("matplotlib",),
               **dict.fromkeys([f"features.{f}" for f in ("training_frame", "write_source", "materialize", "load_online", "online_features",
                                                          "freshness", "skew", "list_views", "apply_definitions", "load_definitions",
                                                          "open_store")], ("feast",))}
+# ... and those a call does without when it names an argument: `register` makes no plots when it is given evaluate's
+_CALL_SPARES = {"steps.register(plots=)": "matplotlib"}
 _LIB_IMPORT = {"pandera": "import pandera.pandas", "matplotlib": "import matplotlib.pyplot", "mlflow": "import mlflow",
                "fairlearn": "import fairlearn.metrics", "feast": _FEAST}
 
@@ -585,6 +588,7 @@ def warm_imports(stage: Stage, cfg: Config) -> tuple:
     `steps.evaluate`, MLflow (and its database store, for a database tracking URI) for `steps.register`, Feast for the
     feature store's functions, fairlearn for a project's `sensitive` attribute."""
     libs = dict.fromkeys(lib for c in stage.calls for lib in _CALL_LIBS.get(c, ()))
+    for c in stage.calls: libs.pop(_CALL_SPARES.get(c), None)
     if cfg.get("sensitive") and {"steps.evaluate", "steps.gate", "steps.register"} & set(stage.calls): libs["fairlearn"] = None
     extra = [(_LIB_IMPORT[lib], (lib,)) for lib in libs]
     if "mlflow" in libs and cfg.tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
