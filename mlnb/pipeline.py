@@ -588,7 +588,9 @@ def warm_imports(stage: Stage, cfg: Config) -> tuple:
     `steps.evaluate`, MLflow (and its database store, for a database tracking URI) for `steps.register`, Feast for the
     feature store's functions, fairlearn for a project's `sensitive` attribute."""
     libs = dict.fromkeys(lib for c in stage.calls for lib in _CALL_LIBS.get(c, ()))
-    for c in stage.calls: libs.pop(_CALL_SPARES.get(c), None)
+    for c in stage.calls:  # spared, unless another call of the stage needs it
+        lib, fn = _CALL_SPARES.get(c), c.split("(")[0]
+        if lib and not any(lib in _CALL_LIBS.get(o, ()) for o in stage.calls if o != fn): libs.pop(lib, None)
     if cfg.get("sensitive") and {"steps.evaluate", "steps.gate", "steps.register"} & set(stage.calls): libs["fairlearn"] = None
     extra = [(_LIB_IMPORT[lib], (lib,)) for lib in libs]
     if "mlflow" in libs and cfg.tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
