@@ -354,6 +354,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.pipeline._mark_cell': ('pipeline.html#_mark_cell', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._mlnb_calls': ('pipeline.html#_mlnb_calls', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._on_ctrl_c': ('pipeline.html#_on_ctrl_c', 'mlnb/pipeline.py'),
+                               'mlnb.pipeline._parse': ('pipeline.html#_parse', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._parse_parameters': ('pipeline.html#_parse_parameters', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._point_latest': ('pipeline.html#_point_latest', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._provisioner': ('pipeline.html#_provisioner', 'mlnb/pipeline.py'),

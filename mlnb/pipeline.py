@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pipeline.ipynb #0002
 from __future__ import annotations
-import ast, graphlib, hashlib, json, os, platform, queue, re, secrets, shutil, signal, subprocess, sys, threading, time, weakref
+import ast, functools, graphlib, hashlib, json, os, platform, queue, re, secrets, shutil, signal, subprocess, sys, threading, time, weakref
 from concurrent.futures import Future, FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,14 +44,20 @@ def _src(cell) -> str:
     s = cell.get("source", "")
     return "".join(s) if isinstance(s, list) else s
 
+@functools.lru_cache(maxsize=256)
+def _parse(src: str):
+    "A code cell's syntax tree (shared by what reads it: never change it), or None where Python cannot parse it (a magic, a shell escape)."
+    try: return ast.parse(src)
+    except SyntaxError: return None
+
 def _leading_imports(sources: list,       # the stage's code cells, in order
                      params: int | None,   # the index of its parameters cell among them
                     ) -> tuple:
     "The import statements a stage starts with, each with the top-level modules it names; reading stops at the first statement that is not one."
     out = []
     for i, src in enumerate(sources):
-        try: tree = ast.parse(src)
-        except SyntaxError: break  # a magic or a shell escape: code we do not read, so nothing after it is imported early
+        tree = _parse(src)
+        if tree is None: break  # a magic or a shell escape: code we do not read, so nothing after it is imported early
         for node in tree.body:
             if isinstance(node, ast.Import): out.append((ast.unparse(node), tuple(dict.fromkeys(a.name.split(".")[0] for a in node.names))))
             elif isinstance(node, ast.ImportFrom) and node.module == "__future__": continue
@@ -63,10 +69,7 @@ def _leading_imports(sources: list,       # the stage's code cells, in order
 
 def _mlnb_calls(sources: list) -> tuple:
     "The functions of mlnb's own modules the stage's code calls, as `module.function` (`steps.register`), however it imported them."
-    trees = []
-    for src in sources:
-        try: trees.append(ast.parse(src))
-        except SyntaxError: continue  # a cell with a magic: its calls are not read
+    trees = [t for t in map(_parse, sources) if t is not None]  # a cell with a magic: its calls are not read
     mods, funcs, calls = {}, {}, []  # local name -> mlnb module ("" for mlnb itself); local name -> module.function
     for node in (n for t in trees for n in ast.walk(t)):
         if isinstance(node, ast.ImportFrom) and not node.level and node.module == "mlnb":
@@ -1196,7 +1199,8 @@ class DaskStages:
     store, to the store, and a worker needs nothing of the client's folders."""
     def __init__(self, address: str,   # the scheduler, e.g. tcp://10.0.0.5:8786
                  run_id: str, kernel: str, env: dict,
-                 store: stores.Store | None = None):  # where workers fetch what stages read and leave what they make
+                 store: stores.Store | None = None,  # where workers fetch what stages read and leave what they make
+                 plan: dict | None = None):  # stage -> what its kernel imports before it starts (`warm_imports`); default: its leading imports
         self.digest, self.store, self.run_id = env_digest(kernel), store, run_id
         from distributed import Client, Event
         self.address, self.kernel = address, kernel
@@ -1212,7 +1216,7 @@ class DaskStages:
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; start one with `dask scheduler` "
                               "and `dask worker ADDRESS`, or `mlnb stack up`, or set executor = local") from None
         self.events = (f"mlnb-stop-{run_id}", f"mlnb-kill-{run_id}")
-        self.plan = {}  # stage -> what its kernel imports before it starts (`warm_imports`); by default its leading imports
+        self.plan = dict(plan or {})
         self._stop, self._kill = Event(self.events[0], client=self.client), Event(self.events[1], client=self.client)
         self._stop.clear(); self._kill.clear()
 
@@ -1569,8 +1573,7 @@ def run_pipeline(cfg: Config,                       # the project's settings
     if address:
         try:
             if store is not None: _check_worker_settings(cfg, store)
-            pool = DaskStages(address, run.run_id, cfg.kernel, kenv, store)
-            pool.plan = warm
+            pool = DaskStages(address, run.run_id, cfg.kernel, kenv, store, warm)
         except BaseException:
             run.rec.update(status="failed", ended=time.time()); run.finish("failed"); run.save(); raise
         run.rec["executor"] = {"dask": address}
