@@ -297,17 +297,27 @@ def _sweep(cfg, console, sweeps, params, select, jobs, scheduler, resume, as_jso
     _out(rec, as_json, rec["id"])
     if failed: raise MlnbError(f"sweep {rec['id']}: trial(s) {', '.join(map(str, failed))} failed (see the table); the best of the others was registered; `mlnb run --sweep ... --resume` continues them")
 
+def _made(rec: dict, name: str):
+    "The JSON product `name` of the newest stage of the run that made one, with that stage's name and record; None if none did."
+    for n, st in reversed(list(rec["stages"].items())):
+        p = Path(st["entry"]) / f"{name}.json" if st.get("entry") and name in (st.get("products") or {}) else None
+        if p and p.exists(): return json.loads(p.read_text()), n, st
+    return None
+
 def _product(rec: dict, name: str):
     "The JSON product `name` of the newest stage of the run that made one, or None."
-    for st in reversed(list(rec["stages"].values())):
-        p = Path(st["entry"]) / f"{name}.json" if st.get("entry") and name in (st.get("products") or {}) else None
-        if p and p.exists(): return json.loads(p.read_text())
-    return None
+    made = _made(rec, name)
+    return made[0] if made else None
 
 def _model_fate(rec: dict) -> str | None:
     "One line on what the run did to the model: the version, and champion, challenger or blocked, and why."
-    d = _product(rec, "promotion")
-    if not d: return None
+    made = _made(rec, "promotion")
+    if not made: return None
+    d, stage, st = made
+    if st.get("status") in ("cached", "stale"):  # an earlier run's decision, reused: this run changed nothing in the registry
+        became = {"promoted": "became champion", "challenger": "became challenger", "blocked": "was blocked by its gates"}.get(d["action"], d["action"])
+        return (f"model: this run registered and promoted nothing (stage '{stage}' reused the products of run "
+                f"{st.get('source_run') or 'an earlier run'}, in which v{d['version']} {became})")
     line = f"model v{d['version']}: " + {"promoted": "champion", "challenger": "challenger", "blocked": "blocked by its gates"}.get(d["action"], d["action"])
     if d.get("policy_refusals"): line += " (champion refused by policy: " + "; ".join(d["policy_refusals"]) + ")"
     if (_product(rec, "model_version") or {}).get("reused"): line += "; the same model as an earlier run registered, so no new version"
@@ -684,7 +694,7 @@ def _perturb(df, fields: dict, drift: float, seed: int):
 
 @main.command()
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The running service.")
-@click.option("--rows", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--rows", type=click.IntRange(1), help="How many rows to send  [default: every row of the holdout or --data, at most 1000, each once]")
 @click.option("--drift", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="0: rows as they are; 1: strongly shifted.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Rows to send (csv, parquet, jsonl; with the target for --labels); default: the champion's holdout.")
 @click.option("--seed", default=1000, show_default=True, type=int)
@@ -713,6 +723,8 @@ def simulate(ctx, url, rows, drift, data, seed, labels_out, concurrency):
     missing = [c for c in features if c not in source]
     if missing: raise ValidationError(f"the rows to send lack the model's feature(s) {', '.join(missing)}")
     if labels_out and task.target not in source: raise ValidationError(f"--labels needs the target column {task.target} in the rows to send")
+    rows = rows or min(len(source), 1000)  # by default each row once: a drift check counts a repeated row as more evidence
+    if not rows: raise ValidationError(f"{'--data' if data else 'the holdout'} has no rows to send")
     df = source.sample(rows, replace=len(source) < rows, random_state=seed).reset_index(drop=True)
     if len(source) < rows:  # the drift tests count every copy of a row as evidence of its own
         click.echo(f"note: {'--data' if data else 'the holdout'} has {len(source)} rows, so each is sent about {rows / len(source):.0f} times; "

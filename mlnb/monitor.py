@@ -106,9 +106,11 @@ def detect_drift(reference, current, features: list, categorical: list, settings
     s = {**DEFAULTS, **(settings or {})}
     if len(current) < s["drift_min_rows"]:
         raise ValidationError(f"the current window has {len(current)} rows; at least {s['drift_min_rows']} are needed "
-                              "(drift_min_rows) to judge drift: widen the window")
+                              "(drift_min_rows) to judge drift: check a larger window (more logged traffic, `--window`, or `--data`), "
+                              "or lower drift_min_rows in settings.ini if the data is small")
     if len(reference) < s["drift_min_rows"]:
-        raise ValidationError(f"the reference has {len(reference)} rows; at least {s['drift_min_rows']} are needed")
+        raise ValidationError(f"the reference has {len(reference)} rows; at least {s['drift_min_rows']} are needed "
+                              "(drift_min_rows): train on more rows, or lower drift_min_rows in settings.ini if the data is small")
     missing = [c for c in features if c not in current.columns]
     if missing:
         raise ValidationError(f"the current data lacks column(s) {', '.join(missing)}; expected the model's features: {', '.join(features)}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_scaffold.ipynb #0002
 from __future__ import annotations
-import json, shutil
+import json, math, shutil
 from pathlib import Path
 from . import __version__
 from .errors import ConfigError, NotFound
@@ -201,7 +201,14 @@ jobs:
           if-no-files-found: warn
 """
 
-def _settings_ini(name, task, target, ids, sensitive, positive, gates) -> str:
+def _drift_min_rows(rows: int, holdout_fraction: float = 0.25) -> int | None:
+    "The `drift_min_rows` a project of `rows` rows needs so that its holdout, which `mlnb simulate` sends, can be judged; None: the default does."
+    from mlnb.monitor import DEFAULTS
+    holdout = math.ceil(rows * holdout_fraction)
+    if holdout >= DEFAULTS["drift_min_rows"]: return None
+    return max(1, holdout - holdout % 10 or holdout)  # a little under it: a row or two the contract refuses does not stop the check
+
+def _settings_ini(name, task, target, ids, sensitive, positive, gates, drift_min_rows=None) -> str:
     lines = ["[mlnb]", "# How this ML project runs. Every key can be overridden by an environment variable MLNB_<KEY>.",
              "pipeline = nbs/pipeline", f"experiment = {name}", f"model_name = {name}", "", "# The data, declared once.",
              f"task = {task}", f"target = {target}", "# features = a, b, c   (default: every column but the target and id_columns)"]
@@ -213,6 +220,10 @@ def _settings_ini(name, task, target, ids, sensitive, positive, gates) -> str:
               *[f"{k} = {v}" for k, v in gates.items()], "",
               "# Policy: gates a champion must have passed; who may promote by hand; whether a champion needs a committed tree.",
               "policy_required_gates =", "policy_promoters = *", "policy_champion_clean_git = false", ""]
+    if drift_min_rows:  # a small table: the default (100) would refuse to judge every window `mlnb simulate` can send
+        lines[-1:] = ["# Monitoring: drift is judged on windows of at least this many rows. The holdout `mlnb simulate` sends is small,",
+                      "# so this is under the default of 100; with more data, raise it (or delete it): small windows judge drift roughly.",
+                      f"drift_min_rows = {drift_min_rows}", ""]
     return "\n".join(lines)
 
 def _readme(name, task, what, data) -> str:
@@ -368,7 +379,7 @@ def new_project(folder: Path | str,          # the new project's folder: absent 
     for fname, text in stage_notebooks(task, rel_data, store).items(): (pipe / fname).write_text(text)
     (pipe / "_model_card.ipynb").write_text(card_notebook(name, task, what))
     save_contract(infer_contract(df, ignore=tuple(id_columns)), pipe / "contract.yaml")  # observed ranges; ids named as ignored
-    (folder / "settings.ini").write_text(_settings_ini(name, task, target, id_columns, sensitive, positive, gates))
+    (folder / "settings.ini").write_text(_settings_ini(name, task, target, id_columns, sensitive, positive, gates, _drift_min_rows(len(df))))
     (folder / "pyproject.toml").write_text(f'[build-system]\nrequires = ["setuptools>=70"]\nbuild-backend = "setuptools.build_meta"\n\n'
                                            f'[project]\nname = "{name}"\nversion = "0.1.0"\nrequires-python = ">=3.11"\ndependencies = ["mlnb=={__version__}"]\n\n'
                                            '[tool.setuptools]\npackages = []\n')

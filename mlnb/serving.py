@@ -156,8 +156,8 @@ class RequestChecker:
             if not isinstance(r, dict):
                 problems.append(f"record {i}: expected a JSON object of fields, got {type(r).__name__}"); kinds += shape; continue
             try: out.append(self.model.model_validate(r).model_dump(by_alias=True))
-            except PydanticError as e:
-                errs = e.errors()
+            except PydanticError as e:  # what was sent wrong first, then what is missing: 30 missing fields must not hide a wrong one
+                errs = sorted(e.errors(), key=lambda err: err["type"] == "missing")
                 problems += [self._message(None if single else i, err) for err in errs]
                 kinds += [self._problem(err) for err in errs]
                 if any(err["type"] == "missing" for err in errs): problems.append(f"required fields: {', '.join(self.fields)}")

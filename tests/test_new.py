@@ -87,8 +87,10 @@ def test_new_project_end_to_end(installed, tmp_path, task, param):
     rec = json.loads(p.stdout)
     assert set(statuses(rec).values()) == {"done"}, statuses(rec)
     assert "model v1: champion" in p.stderr
-    again = jmlnb(installed, d, "run")
+    p = mlnb(installed, d, "run", "--json")
+    again = json.loads(p.stdout)
     assert set(statuses(again).values()) == {"cached"}
+    assert f"model: this run registered and promoted nothing (stage 'register' reused the products of run {rec['run_id']}, in which v1 became champion)" in p.stderr
     # build and serve; valid rows get the model's own answers, invalid ones a 4xx naming the field
     built = jmlnb(installed, d, "build", timeout=600)
     served = Served(d, built["tag"], env={"PYTHONPATH": str(installed), "MLNB_RELOAD_INTERVAL": "1"})
@@ -135,6 +137,12 @@ def test_new_project_end_to_end(installed, tmp_path, task, param):
         assert res["report"]["dataset_drift"] and res["report"]["model_version"] == 2
         perf = res["report"]["performance"]
         assert perf["metric"] == primary and perf["rows"] == answered and primary in perf and "reference" in perf
+        # traffic as a newcomer sends it (no --rows): each row of the holdout once, and the check judges it (no drift in it)
+        sim = mlnb(installed, d, "simulate", "--url", served.url).stderr
+        assert f"sent {holdout} requests" in sim and f"{holdout} answered" in sim and "each is sent about" not in sim, sim
+        time.sleep(1.5)
+        calm = json.loads(mlnb(installed, d, "monitor", "--window", str(holdout), "--json", check=0).stdout)["report"]
+        assert calm["rows_current"] == holdout and not calm["dataset_drift"], calm
     finally:
         served.stop()
     # the card shows the task's metrics (and its group metrics); lineage and the audit log hold together
