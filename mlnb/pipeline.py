@@ -1115,9 +1115,9 @@ def dask_workers(address: str,        # the scheduler, e.g. tcp://10.0.0.5:8786
     return sorted(str(w.get("name")) for w in info.get("workers", {}).values())
 
 def _claimed(claim: str, client) -> dict | None:
-    "Which worker took the stage of claim `claim` (a Dask variable), or None before one did."
+    "Which worker took the stage of claim `claim` (a Dask variable, set to `{}` before the stage is submitted), or None before one did."
     from distributed import Variable
-    try: return Variable(claim, client=client).get(timeout=0.2)
+    try: return Variable(claim, client=client).get(timeout=5) or None  # set: answered at once (a get that waits logs an ERROR on the scheduler)
     except (TimeoutError, OSError): return None
 
 def _stage_task(stage: Stage, params: dict, ctx: dict, out_nb: str, kernel: str, env: dict, timeout: float,
@@ -1233,9 +1233,11 @@ class DaskStages:
         key = f"mlnb-{stage.name}-{secrets.token_hex(4)}"
         claim = f"{key}-claim"  # a Dask variable: which worker took it (Dask runs it again elsewhere if that one dies)
         stage = replace(stage, imports=self.plan.get(stage.name, stage.imports))  # what its kernel on the worker imports ahead
+        from distributed import Variable
+        Variable(claim, client=self.client).set({})  # not taken yet: set before the task can read it, so no read waits
         fut = self.client.submit(_stage_task, stage, params, ctx, str(out_nb), self.kernel, self.env, timeout, self.events,
                                  claim, self.digest, job, pure=False, key=key)
-        from distributed import TimeoutError as DaskTimeout, Variable
+        from distributed import TimeoutError as DaskTimeout
         stopping = None
         try:
             try:

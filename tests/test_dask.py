@@ -15,7 +15,11 @@ def product(project, rec, stage, name):
 
 
 def test_chain_runs_on_the_cluster_with_the_local_executors_keys(chain, team_stack):
+    log = team_stack.cluster.folder / "scheduler.log"
+    before = log.stat().st_size
     rec = run_json(chain, "run", "--scheduler", team_stack.scheduler)
+    said = log.read_text()[before:]  # what the scheduler logged while the run watched its stages: no errors
+    assert "variable-mlnb-a-" in said and " ERROR " not in said, said[-3000:]
     assert rec["executor"] == {"dask": team_stack.scheduler}
     assert statuses(rec) == {"a": "done", "b": "done", "c": "done"}
     assert product(chain, rec, "c", "out") == {"y": 7}
