@@ -11,7 +11,7 @@ from . import __version__
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync',
+__all__ = ['STILL_AFTER', 'STILL_EVERY', 'DRIFT_EXIT', 'check_settings', 'main', 'run', 'status', 'show', 'inspect', 'sync', 'gc',
            'models', 'promote', 'rollback', 'contract', 'contract_infer', 'contract_check', 'features', 'features_list',
            'features_freshness', 'features_skew', 'features_apply', 'features_materialize', 'features_get', 'build',
            'serve', 'simulate', 'monitor', 'audit', 'audit_verify', 'lineage', 'card', 'reproduce', 'report', 'new',
@@ -444,6 +444,40 @@ def sync(ctx, run_id, follow):
         if r["status"] == "running" and not run_id: continue
         tr = sync_run(cfg, runs_dir(cfg) / r["run_id"])
         click.echo(f"{r['run_id']}  {tr['parent_run_id']}")
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+@main.command()
+@click.option("--keep-runs", default=10, show_default=True, type=click.IntRange(0), help="The newest runs whose cache entries stay.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def gc(ctx, keep_runs, dry_run, as_json):
+    """Remove the cache entries (.mlnb/cache) nothing needs any more. Kept: those of the newest --keep-runs runs, of the run
+    --resume continues, of runs not yet synced to MLflow, of the runs that registered a version that holds an alias, and
+    each stage's latest. Run records, executed notebooks, the registry and the store are not touched."""
+    from collections import Counter
+    from mlnb.pipeline import gc_cache
+    cfg = _cfg(ctx)
+    res = gc_cache(cfg, keep_runs, dry_run)
+    done = [r for r in res["removed"] if not r.get("error")]
+    entries, other = [r for r in done if r["kind"] == "entry"], [r for r in done if r["kind"] != "entry"]
+    verb = "would remove" if dry_run else "removed"
+    if not done: lines = [f"gc: nothing to remove; kept {len(res['kept'])} ({_size(res['kept_bytes'])})"]
+    else: lines = [f"gc: {verb} {len(entries)} cache entr{'y' if len(entries) == 1 else 'ies'} ({_size(sum(r['bytes'] for r in entries))})"
+             + (f" and {len(other)} other folder{'' if len(other) == 1 else 's'} ("
+                + ", ".join(f"{n} {k}" for k, n in Counter(r["kind"] for r in other).items()) + ")" if other else "")
+             + f"; kept {len(res['kept'])} ({_size(res['kept_bytes'])})"]
+    by_stage = Counter(r["stage"] for r in entries)
+    lines += [f"  {'would go' if dry_run else 'removed'}  stage {s}: {n} entr{'y' if n == 1 else 'ies'}, {_size(sum(r['bytes'] for r in entries if r['stage'] == s))}"
+              for s, n in sorted(by_stage.items())]
+    lines += [f"  kept      {n} {w}" for w, n in Counter(k["why"] for k in res["kept"]).most_common()]
+    if not res["registry_read"]: lines.append("note: the registry could not be read, so every run that registered a version kept its entries")
+    if dry_run: lines.append("nothing was removed (--dry-run)")
+    for r in res["failed"]: lines.append(f"could not remove {r['stage']}/{r['entry']}: {r['error']}")
+    _out(res, as_json, "\n".join(lines))
+    if res["failed"]: raise MlnbError(f"gc: {len(res['failed'])} folder(s) could not be removed (listed above); the next gc tries again")
 
 # %% ../nbs/20_cli.ipynb #0011
 @main.command()

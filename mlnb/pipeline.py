@@ -19,7 +19,7 @@ __all__ = ['FEATURE_CALLS', 'WATCH_EVERY', 'KILL_GRACE', 'WORKER_POOL_IDLE', 'St
            'write_stage', 'resolve_params', 'env_digest', 'input_digests', 'uses_feature_store', 'notebook_digest',
            'cache_key', 'products_digest', 'runs_dir', 'executed_dir', 'new_run_id', 'warm_imports', 'KernelPool',
            'failure_text', 'dask_address', 'dask_workers', 'DaskStages', 'RunOptions', 'load_run', 'list_runs',
-           'verify_entry', 'clean_leftovers', 'run_pipeline']
+           'verify_entry', 'clean_leftovers', 'gc_cache', 'run_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #0005
 @dataclass(frozen=True)
@@ -1517,6 +1517,84 @@ def clean_leftovers(cfg: Config, max_age: float) -> list:
             shutil.rmtree(tmp, ignore_errors=True); removed.append(tmp)
     return removed
 
+
+# %% ../nbs/05_pipeline.ipynb #0029g
+def _tree_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+def _aliased_versions(cfg: Config, names: set) -> dict | None:
+    "`{model name: {versions that hold an alias}}`, or None when the registry cannot be read."
+    from mlnb.tracking import list_versions
+    try: return {n: {v["version"] for v in list_versions(cfg, n) if v["aliases"]} for n in names}
+    except (MlnbError, OSError): return None
+
+def gc_cache(cfg: Config,            # the project
+             keep_runs: int = 10,    # the newest runs whose entries stay
+             dry_run: bool = False,  # only say what would be removed
+            ) -> dict:
+    "Remove the cache entries nothing needs any more (see above); returns what was (or would be) removed and what was kept, and why."
+    if keep_runs < 0: raise ConfigError(f"keep_runs = {keep_runs}; accepted: 0 or more")
+    runs, here = list_runs(cfg), platform.node()
+    live = [r for r in runs if r.get("status") == "running" and r.get("host") == here and r.get("pid") and pid_alive(r["pid"])]
+    if live: raise ConfigError(f"run {live[0]['run_id']} is running (process {live[0]['pid']}); a running run may reuse any entry: "
+                               "run gc after it ends")
+    why: dict = {}  # run id -> why its entries stay
+    for r in runs[:keep_runs]: why.setdefault(r["run_id"], f"one of the newest {keep_runs} runs" if keep_runs > 1 else "the newest run")
+    for r in runs:
+        if r.get("status") == "running": why.setdefault(r["run_id"], "a run still running on another machine")
+    resumable = next((r for r in runs if r.get("status") in ("failed", "interrupted")), None)
+    if resumable: why.setdefault(resumable["run_id"], "the run `mlnb run --resume` continues")
+    for r in runs:
+        if r.get("tracking") not in (None, "synced", "off"): why.setdefault(r["run_id"], "a run not yet synced to MLflow")
+    made = {}  # run id -> (model, version) it registered
+    for r in runs:
+        for st in r["stages"].values():
+            p = Path(st["entry"]) / "model_version.json" if st.get("status") == "done" and st.get("entry") and "model_version" in (st.get("products") or {}) else None
+            try: mv = json.loads(p.read_text()) if p else None
+            except (OSError, ValueError): mv = None
+            if mv and not mv.get("reused") and mv.get("version") is not None: made[r["run_id"]] = (mv.get("name") or cfg.model_name, int(mv["version"]))
+    aliased = _aliased_versions(cfg, {n for n, _ in made.values()}) if made else {}
+    for rid, (name, v) in made.items():
+        if aliased is None: why.setdefault(rid, f"the run that registered {name} v{v} (the registry could not be read)")
+        elif v in aliased.get(name, set()): why.setdefault(rid, f"the run that registered {name} v{v}, which holds an alias")
+    keep = {}  # entry -> why
+    for r in runs:
+        if r["run_id"] in why:
+            for st in r["stages"].values():
+                if st.get("entry"): keep.setdefault(Path(st["entry"]).resolve(), "used by " + why[r["run_id"]])
+    for p in sorted((cfg.state / "latest").glob("*.json")):
+        try: keep.setdefault(Path(json.loads(p.read_text())["entry"]).resolve(), "the latest of its stage")
+        except (OSError, ValueError, KeyError, TypeError): pass
+    removed, kept = [], []
+    cache = cfg.state / "cache"
+    for sd in sorted(p for p in cache.iterdir() if p.is_dir()) if cache.is_dir() else []:
+        for e in sorted(sd.iterdir()):
+            if not e.is_dir() or e.name.startswith(".tmp-"): continue  # a stage's private folder: clean_leftovers' business
+            item = {"stage": sd.name, "entry": e.name, "bytes": _tree_bytes(e)}
+            if e.name.startswith(".gc-"): removed.append({**item, "kind": "an unfinished removal"}); continue
+            if e.name.startswith(".refused-"):
+                rid = "-".join(e.name.split("-")[-4:-1])  # .refused-KEY-RUN-XXXX, RUN being DATE-TIME-HEX
+                if rid in why: kept.append({**item, "why": "set aside as refused by a run that is kept"})
+                else: removed.append({**item, "kind": "refused"})
+                continue
+            if e.resolve() in keep: kept.append({**item, "why": keep[e.resolve()]})
+            else: removed.append({**item, "kind": "entry"})
+    if not dry_run:
+        for it in removed:
+            e = cache / it["stage"] / it["entry"]
+            aside = e if e.name.startswith(".gc-") else e.with_name(f".gc-{e.name}")
+            try:
+                if aside != e: os.rename(e, aside)  # out of its key's place first: no run sees a half-removed entry
+                shutil.rmtree(aside)
+            except OSError as err: it["error"] = str(err)
+        leftovers = clean_leftovers(cfg, max(cfg.stage_timeout, 0) + KILL_GRACE)
+        removed += [{"stage": p.parent.name, "entry": p.name, "bytes": 0, "kind": "a stage's leftover folder"} for p in leftovers]
+        from mlnb import audit
+        audit.record(cfg, "cache.gc", {}, {"removed": sum(1 for it in removed if not it.get("error")),
+                                          "bytes": sum(it["bytes"] for it in removed if not it.get("error")), "keep_runs": keep_runs})
+    return {"dry_run": dry_run, "keep_runs": keep_runs, "removed": removed, "kept": kept,
+            "removed_bytes": sum(it["bytes"] for it in removed if not it.get("error")), "kept_bytes": sum(it["bytes"] for it in kept),
+            "failed": [it for it in removed if it.get("error")], "runs_kept": why, "registry_read": aliased is not None}
 
 # %% ../nbs/05_pipeline.ipynb #0031
 def _submit(fn, *args) -> Future:

@@ -77,6 +77,34 @@ def test_param_rekeys_only_the_stages_it_reaches(chain):
     assert statuses(run_json(chain, "run", "-p", "b.factor=5")) == {"a": "cached", "b": "cached", "c": "cached"}
 
 
+def test_gc_removes_what_no_kept_run_uses_and_runs_go_on(chain):
+    "The cache only grew: `mlnb gc` removes entries no kept run, registered champion or stage's latest uses, and runs reuse or remake the rest."
+    from mlnb import audit
+    from mlnb.config import load_config
+    r1 = run_json(chain, "run")
+    a = Path(r1["stages"]["a"]["entry"])
+    (a / "nums.json").write_text('{"n": 4}')  # changed on disk: the next run refuses the entry, sets it aside and runs a again
+    r2 = run_json(chain, "run")
+    refused = list(a.parent.glob(".refused-*"))
+    assert statuses(r2) == {"a": "done", "b": "cached", "c": "cached"} and len(refused) == 1 and r2["run_id"] in refused[0].name
+    r3, r4 = run_json(chain, "run", "-p", "factor=3"), run_json(chain, "run", "-p", "factor=4")
+    name = lambda rec, s: Path(rec["stages"][s]["entry"]).name
+    want = {("b", name(r1, "b")), ("b", name(r3, "b")), ("c", name(r1, "c")), ("c", name(r3, "c")), ("a", refused[0].name)}
+    dry = run_json(chain, "gc", "--keep-runs", "1", "--dry-run")
+    assert {(r["stage"], r["entry"]) for r in dry["removed"]} == want and dry["runs_kept"] == {r4["run_id"]: "the newest run"}
+    assert all((chain / ".mlnb/cache" / s / e).exists() for s, e in want), "a dry run removes nothing"
+    p = run_mlnb(chain, "gc", "--keep-runs", "1", check=0)
+    assert p.stdout.startswith("gc: removed 4 cache entries (") and "1 refused" in p.stdout and "kept 3 (" in p.stdout, p.stdout
+    assert not any((chain / ".mlnb/cache" / s / e).exists() for s, e in want)
+    assert {e.name for e in (chain / ".mlnb/cache").glob("*/*")} == {name(r4, s) for s in "abc"}
+    ev = [e for e in audit.events(load_config(chain)) if e["kind"] == "cache.gc"]
+    assert len(ev) == 1 and ev[0]["data"]["removed"] == 5 and ev[0]["data"]["keep_runs"] == 1
+    again = run_json(chain, "run", "-p", "factor=3")  # what was removed is made again; what was kept is reused
+    assert statuses(again) == {"a": "cached", "b": "done", "c": "done"} and again["status"] == "done"
+    assert statuses(run_json(chain, "run", "-p", "factor=4")) == {"a": "cached", "b": "cached", "c": "cached"}
+    assert run_mlnb(chain, "gc", "--keep-runs", "-1", check=2).stderr.rstrip().endswith("-1 is not in the range x>=0.")
+
+
 def test_rerun_with_same_product_bytes_does_not_invalidate_downstream(project):
     add_stage(project, "a", "upstream = []\nn = 3", "from mlnb import stage\nstage.save('nums', {'parity': n % 2})")
     add_stage(project, "b", "upstream = ['a']", "from mlnb import stage\nstage.save('p', stage.load('nums'))")

@@ -52,6 +52,12 @@ def test_auto_promotion_then_rollback_and_manual_promote(project):
     assert hist[-1]["who"] == "alice" and hist[-1]["why"] == "fixed upstream data" and hist[2]["why"] == "complaints from the fraud team"
     text = run_mlnb(project, "models", "--history", check=0).stdout
     assert "v2" in text and "champion" in text and "by alice: fixed upstream data" in text
+    # gc keeps what the champion's run used, even when no recent run does; v1 holds no alias, so its own entries may go
+    dry = run_json(project, "gc", "--keep-runs", "0", "--dry-run")
+    assert dry["runs_kept"] == {rec2["run_id"]: "the run that registered fraud-detector v2, which holds an alias"}, dry["runs_kept"]
+    gone = {(r["stage"], r["entry"]) for r in dry["removed"]}
+    assert ("register", Path(rec["stages"]["register"]["entry"]).name) in gone and ("train", Path(rec["stages"]["train"]["entry"]).name) in gone
+    assert not {(s, Path(st["entry"]).name) for s, st in rec2["stages"].items()} & gone
 
 
 def test_registry_views_and_moves_read_the_store_without_mlflow_and_agree_with_it(project):
