@@ -242,7 +242,8 @@ mlnb build && mlnb serve # a bento of the champion, served on 127.0.0.1:3000 (do
 ```
 
 `mlnb models` lists the versions and their gates, `mlnb card` shows the champion's model card, `mlnb simulate`
-sends rows of the holdout to the service and `mlnb monitor` checks the traffic for drift.
+sends rows of the holdout to the service and `mlnb monitor` checks the traffic for drift. Every run that executes a
+stage adds to the cache under `.mlnb/cache/`; `mlnb gc` removes what no recent run, champion or challenger needs.
 
 ## What each file is for
 
