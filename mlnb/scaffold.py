@@ -119,16 +119,19 @@ def stage_notebooks(task: str, data: str | None,
         ("code", 'train, holdout = steps.split(stage.load("data"), holdout_fraction, seed)\nlen(train), len(holdout)'),
     ])
     nbs["train.ipynb"] = _nb([
-        ("markdown", "# Train\n\nFits the model: a scikit-learn Pipeline that takes the raw features (numbers scaled, categories one-hot encoded) "
+        ("markdown", "# Train\n\nFits the model: a scikit-learn Pipeline that takes the raw features (missing values filled in, numbers scaled, categories one-hot "
+                     "encoded) "
                      "and learns the target, so the served model applies exactly what training applied. Change the estimator and its "
                      "parameters here; `steps.xy` gives the features and target that settings.ini declares."),
         ("code", f'upstream = ["split"]\n{param}', ["parameters"]),
         ("code", "from sklearn.compose import ColumnTransformer\nfrom sklearn.pipeline import Pipeline\n"
-                 f"from sklearn.preprocessing import OneHotEncoder, StandardScaler\n{model_import}\nfrom mlnb import stage, steps"),
+                 "from sklearn.impute import SimpleImputer\nfrom sklearn.preprocessing import OneHotEncoder, StandardScaler\n"
+                 f"{model_import}\nfrom mlnb import stage, steps"),
         ("code", 'X, y = steps.xy(stage.load("train"))\nnumeric = X.select_dtypes("number").columns.tolist()\n'
                  'categorical = [c for c in X.columns if c not in numeric]\n'
-                 'model = Pipeline([\n    ("prep", ColumnTransformer([("num", StandardScaler(), numeric),\n'
-                 '                                ("cat", OneHotEncoder(handle_unknown="ignore"), categorical)])),\n'
+                 'numbers = Pipeline([("fill", SimpleImputer(strategy="median")), ("scale", StandardScaler())])\n'
+                 'categories = Pipeline([("fill", SimpleImputer(strategy="most_frequent")), ("onehot", OneHotEncoder(handle_unknown="ignore"))])\n'
+                 'model = Pipeline([\n    ("prep", ColumnTransformer([("num", numbers, numeric), ("cat", categories, categorical)])),\n'
                  f'    ("model", {estimator}),\n]).fit(X, y)\nstage.save("model", model)\nmodel'),
     ])
     nbs["evaluate.ipynb"] = _nb([

@@ -161,6 +161,8 @@ def test_project_from_a_users_csv(installed, tmp_path):
     df = df.rename(columns={"alcohol": "alcohol %", "color_intensity": "color/intensity", "od280/od315_of_diluted_wines": "od280/od315"})
     df["cultivar"] = df.pop("target").map({0: "barolo", 1: "grignolino", 2: "barbera"})
     df.insert(0, "bottle id", [f"b{i}" for i in range(len(df))])
+    df["cellar"] = (["north", "south", "east"] * len(df))[:len(df)]
+    df.loc[::7, "magnesium"] = None; df.loc[30::60, "cellar"] = None  # missing values, in a number and a category: trained on as they are
     csv = tmp_path / "my wines.csv"
     df.to_csv(csv, index=False)
     d = start(installed, tmp_path, "--data", str(csv), "--target", "cultivar", "--id", "bottle id")
@@ -176,6 +178,7 @@ def test_project_from_a_users_csv(installed, tmp_path):
         rows = json.loads(df[feats].iloc[::30].to_json(orient="records"))
         preds = check_answers("multiclass", served, model_of(d, 1), rows)
         assert {p["prediction"] for p in preds} <= {"barolo", "grignolino", "barbera"}
+        assert rows[0]["magnesium"] is None and any(r["cellar"] is None for r in rows)  # answered above, as the model answers them
         r = served.client.post("/predict", json={**rows[0], "color/intensity": None})
         assert r.status_code == 422 and "field 'color/intensity'" in r.json()["error"]
     finally:
