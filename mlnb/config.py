@@ -127,6 +127,7 @@ SETTINGS = {
     "drift_wasserstein": _S(float, "[0, inf)", "normalized Wasserstein distance above which a numeric column has drifted"),
     "drift_jensenshannon": _S(float, "[0, 1]", "Jensen-Shannon distance above which a categorical column has drifted"),
     "drift_psi": _S(float, "[0, inf)", "population stability index reported as drift"),
+    "drift_missing_share": _S(float, "[0, 1]", "change of a column's share of missing values that is drift, with a large reference"),
     "drift_share": _S(float, "[0, 1]", "share of drifted columns that makes the dataset drifted"),
     "drift_min_rows": _S(int, "[1, inf)", "fewest rows needed to judge drift"),
     "drift_max_drop": _S(float, "[0, inf)", "drop of the primary metric on labelled traffic that counts as degraded"),

@@ -17,7 +17,7 @@ __all__ = ['DEFAULTS', 'drift_settings', 'numeric_drift', 'categorical_drift', '
 
 # %% ../nbs/11_monitor.ipynb #0005
 DEFAULTS = {"drift_alpha": 0.05, "drift_large_reference": 10_000, "drift_wasserstein": 0.1, "drift_jensenshannon": 0.1,
-            "drift_psi": 0.2, "drift_share": 0.3, "drift_min_rows": 100}
+            "drift_psi": 0.2, "drift_share": 0.3, "drift_min_rows": 100, "drift_missing_share": 0.1}
 
 def drift_settings(cfg: Config | dict | None = None) -> dict:
     "Drift thresholds from `settings.ini` (`drift_*`), checked as `mlnb.config.SETTINGS` declares them; defaults where absent."
@@ -44,21 +44,26 @@ def _wasserstein_sorted(a, b):
 
 # %% ../nbs/11_monitor.ipynb #0006
 def numeric_drift(ref, cur, names: list, s: dict, block: int = 5) -> list:
-    "Drift of numeric columns: `ref` and `cur` are 2-D float arrays (rows × columns)."
+    "Drift of numeric columns: `ref` and `cur` are 2-D float arrays (rows × columns). A column's missing values (NaN) are left out of its tests."
     from scipy import stats
     ref, cur = np.asarray(ref, float), np.asarray(cur, float)
     large = len(ref) > s["drift_large_reference"]
-    if not large:
+    gaps = bool(np.isnan(ref).any() or np.isnan(cur).any())
+    if not large and not gaps:  # every column at once; with missing values, column by column on the values each has
         ks = stats.ks_2samp(ref, cur, axis=0)
         stat, pval = np.atleast_1d(ks.statistic), np.atleast_1d(ks.pvalue)
-    qi = np.round(np.linspace(0, 1, 11)[1:-1] * (len(ref) - 1)).astype(int)
 
     def one_block(j0):  # NumPy's sort and searchsorted release the GIL: blocks run on all cores
-        rs, cs = np.sort(ref[:, j0:j0 + block], axis=0), np.sort(cur[:, j0:j0 + block], axis=0)
+        rs, cs = np.sort(ref[:, j0:j0 + block], axis=0), np.sort(cur[:, j0:j0 + block], axis=0)  # NaN sorts last
+        nr, nc = (~np.isnan(rs)).sum(axis=0), (~np.isnan(cs)).sum(axis=0)
         res = []
         for k in range(rs.shape[1]):
             j, name = j0 + k, names[j0 + k]
-            r, c = rs[:, k], cs[:, k]
+            r, c = rs[:nr[k], k], cs[:nc[k], k]
+            if not len(r) or not len(c):  # nothing to compare: only the share of missing values can tell (detect_drift)
+                res.append({"column": name, "kind": "numeric", "test": "none (no values)", "statistic": None, "p_value": None,
+                            "threshold": s["drift_alpha"], "drifted": False, "psi": None}); continue
+            qi = np.round(np.linspace(0, 1, 11)[1:-1] * (len(r) - 1)).astype(int)
             edges = np.unique(r[qi])  # deciles of the reference
             psi = _psi(np.bincount(np.searchsorted(edges, r, side="right"), minlength=len(edges) + 1).astype(float),
                        np.bincount(np.searchsorted(edges, c, side="right"), minlength=len(edges) + 1).astype(float))
@@ -68,8 +73,9 @@ def numeric_drift(ref, cur, names: list, s: dict, block: int = 5) -> list:
                 res.append({"column": name, "kind": "numeric", "test": "wasserstein_normed", "statistic": d, "p_value": None,
                             "threshold": s["drift_wasserstein"], "drifted": bool(d > s["drift_wasserstein"]), "psi": psi})
             else:
-                res.append({"column": name, "kind": "numeric", "test": "ks", "statistic": float(stat[j]), "p_value": float(pval[j]),
-                            "threshold": s["drift_alpha"], "drifted": bool(pval[j] < s["drift_alpha"]), "psi": psi})
+                st, pv = (stat[j], pval[j]) if not gaps else (lambda t: (t.statistic, t.pvalue))(stats.ks_2samp(r, c))
+                res.append({"column": name, "kind": "numeric", "test": "ks", "statistic": float(st), "p_value": float(pv),
+                            "threshold": s["drift_alpha"], "drifted": bool(pv < s["drift_alpha"]), "psi": psi})
         return res
 
     import os
@@ -100,6 +106,23 @@ def categorical_drift(ref, cur, name: str, s: dict) -> dict:
             "drifted": bool(p < s["drift_alpha"]) or bool(unseen), "psi": psi, "unseen": unseen}
 
 # %% ../nbs/11_monitor.ipynb #0010
+def _missing_drift(col: dict, ref, cur, s: dict):
+    """Add to a column's result (in place) its shares of missing values and whether that share moved: a column that starts
+    (or stops) arriving empty has drifted, whatever its values do. A chi-square test of the two shares at `drift_alpha`;
+    with a reference over `drift_large_reference` rows (where any difference is significant), a change of more than
+    `drift_missing_share`."""
+    mr, mc = int(ref.isna().sum()), int(cur.isna().sum())
+    col["missing_values"] = mc
+    col["missing_share"] = {"reference": mr / len(ref), "current": mc / len(cur)}
+    moved = False
+    if 0 < mr + mc < len(ref) + len(cur):  # some missing, some not: the shares can be compared
+        if len(ref) > s["drift_large_reference"]: moved = abs(mc / len(cur) - mr / len(ref)) > s["drift_missing_share"]
+        else:
+            from scipy import stats
+            moved = stats.chi2_contingency([[mr, len(ref) - mr], [mc, len(cur) - mc]]).pvalue < s["drift_alpha"]
+    col["missing_drift"] = bool(moved)
+    col["drifted"] = bool(col["drifted"] or moved)
+
 def detect_drift(reference, current, features: list, categorical: list, settings: dict | None = None,
                  score_column: str | None = "score") -> dict:
     "Drift report (a dict) of `current` against `reference` over `features`."
@@ -114,16 +137,15 @@ def detect_drift(reference, current, features: list, categorical: list, settings
     missing = [c for c in features if c not in current.columns]
     if missing:
         raise ValidationError(f"the current data lacks column(s) {', '.join(missing)}; expected the model's features: {', '.join(features)}")
-    nans = {c: int(current[c].isna().sum()) for c in features if current[c].isna().any()}
     num = [c for c in features if c not in categorical]
     cols = []
-    if num:
-        cur_num = current[num].astype(float)
-        ok = ~cur_num.isna().any(axis=1)
-        cols += numeric_drift(reference[num].to_numpy(float), cur_num[ok].to_numpy(float), num, s)
-    for c in categorical:
-        cols.append(categorical_drift(reference[c].astype(str), current[c].dropna().astype(str), c, s))
-    for r in cols: r["missing_values"] = nans.get(r["column"], 0)
+    if num: cols += numeric_drift(reference[num].to_numpy(float), current[num].astype(float).to_numpy(float), num, s)
+    for c in categorical:  # the values each side has; missing ones are judged below
+        r, k = reference[c].dropna().astype(str), current[c].dropna().astype(str)
+        cols.append(categorical_drift(r, k, c, s) if len(r) and len(k) else
+                    {"column": c, "kind": "categorical", "test": "none (no values)", "statistic": None, "p_value": None,
+                     "threshold": s["drift_alpha"], "drifted": False, "psi": None, "unseen": []})
+    for r in cols: _missing_drift(r, reference[r["column"]], current[r["column"]], s)
     out = {"rows_reference": len(reference), "rows_current": len(current), "columns": cols,
            "drifted_columns": [r["column"] for r in cols if r["drifted"]], "settings": s}
     out["drift_share"] = len(out["drifted_columns"]) / max(len(cols), 1)
@@ -131,9 +153,9 @@ def detect_drift(reference, current, features: list, categorical: list, settings
     if score_column and score_column in reference and score_column in current:
         import pandas as pd
         if pd.api.types.is_numeric_dtype(reference[score_column]):
-            out["prediction"] = numeric_drift(reference[[score_column]].to_numpy(float), current[[score_column]].dropna().to_numpy(float), [score_column], s)[0]
+            out["prediction"] = numeric_drift(reference[[score_column]].to_numpy(float), current[[score_column]].to_numpy(float), [score_column], s)[0]
         else:  # a multi-class model's answers are labels
-            out["prediction"] = categorical_drift(reference[score_column].astype(str), current[score_column].dropna().astype(str), score_column, s)
+            out["prediction"] = categorical_drift(reference[score_column].dropna().astype(str), current[score_column].dropna().astype(str), score_column, s)
     return out
 
 # %% ../nbs/11_monitor.ipynb #0014
@@ -198,6 +220,19 @@ def _plot(ref, cur, name, categorical) -> str:
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]
 
+def _finite(x):
+    "`x` with every NaN or infinity (a metric of one class, say) as None: JSON that every parser reads."
+    if isinstance(x, dict): return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)): return float(x) if np.isfinite(x) else None
+    return x
+
+def _missing_cell(c: dict) -> str:
+    "A column's missing values in the report's table: how many, and the shares in the reference and the current rows when they moved."
+    sh = c.get("missing_share") or {}
+    if not c.get("missing_drift"): return str(c.get("missing_values", 0))
+    return f"{c['missing_values']} (moved: {sh['reference']:.1%} of the reference, {sh['current']:.1%} now)"
+
 def render_html(report: dict, reference, current, categorical: list) -> str:
     "The drift report as one self-contained HTML page."
     e = html.escape
@@ -206,8 +241,9 @@ def render_html(report: dict, reference, current, categorical: list) -> str:
     def pv(c): return "" if c["p_value"] is None else f"{c['p_value']:.3g}"
     rows = "".join(
         f"<tr class='{'bad' if c['drifted'] else ''}'><td>{e(c['column'])}</td><td>{c['kind']}</td><td>{c['test']}</td>"
-        f"<td>{c['statistic']:.4g}</td><td>{pv(c)}</td><td>{c['threshold']:g}</td>"
-        f"<td>{c['psi']:.3f}</td><td>{'yes' if c['drifted'] else 'no'}</td><td>{c.get('missing_values', 0)}</td></tr>" for c in report["columns"])
+        f"<td>{'' if c['statistic'] is None else format(c['statistic'], '.4g')}</td><td>{pv(c)}</td><td>{c['threshold']:g}</td>"
+        f"<td>{'' if c['psi'] is None else format(c['psi'], '.3f')}</td><td>{'yes' if c['drifted'] else 'no'}</td><td>{_missing_cell(c)}</td></tr>"
+        for c in report["columns"])
     pred = report.get("prediction")
     perf = report.get("performance")
     summary = [f"<b style='color:{color}'>{verdict}</b>: {len(report['drifted_columns'])} of {len(report['columns'])} columns drifted "
@@ -232,7 +268,7 @@ td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}} tr.bad td{{backgr
 def write_report(report: dict, reference, current, categorical: list, out_dir: Path | str) -> dict:
     "Write `drift_report.html` and its JSON twin `drift_report.json` into `out_dir`; returns their paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    (out / "drift_report.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "drift_report.json").write_text(json.dumps(_finite(report), indent=1, default=float, allow_nan=False))
     (out / "drift_report.html").write_text(render_html(report, reference, current, categorical))
     return {"html": str(out / "drift_report.html"), "json": str(out / "drift_report.json")}
 
