@@ -137,7 +137,15 @@ class _Progress:
 
     def __call__(self, e):
         if "stage" not in e:
-            if e.get("status") == "started": self.order, self.run_id = list(e.get("stages") or []), e.get("run_id"); self.start()
+            if e.get("status") == "started":
+                self.order, self.run_id = list(e.get("stages") or []), e.get("run_id")
+                if e.get("resumed"):  # which run goes on, and what it keeps
+                    r = e["resumed"]
+                    self.console.print(f"resuming run {self.run_id}" + (f", which {r['was']}" if r.get("was") else "") + f" (attempt {r['attempt']}): "
+                                       + (f"{len(r['kept'])} stage{'' if len(r['kept']) == 1 else 's'} it finished before "
+                                          f"({', '.join(r['kept'])}) are kept" if r["kept"] else "no stage of it had finished"),
+                                       highlight=False, soft_wrap=True)
+                self.start()
             elif e.get("status") == "tracking":  # the stages are over; the run's record goes to MLflow before the command ends
                 self.waiting = ("logging the run to MLflow", time.time())
                 if self.live: self.start()

@@ -1360,8 +1360,14 @@ class _Run:
         self.lock = threading.Lock()
         prev = None
         if opts.resume:
-            prev = load_run(cfg, opts.resume) if opts.resume != "latest" else next(
-                (r for r in list_runs(cfg) if r["status"] in ("failed", "interrupted")), None)
+            if opts.resume != "latest": prev = load_run(cfg, opts.resume)
+            else:
+                runs = [r for r in list_runs(cfg) if not r.get("sweep")]  # a sweep's trials resume with the sweep (`--sweep ... --resume`)
+                prev = next((r for r in runs if r["status"] in ("failed", "interrupted")), None)
+                done = next((r for r in runs if r["status"] == "done"), None)
+                if prev is not None and done is not None and done["started"] > prev["started"]:  # a later run finished: the failure is old news
+                    raise ConfigError(f"the newest run, {done['run_id']}, finished, so there is no last failed run to resume; run "
+                                      f"{prev['run_id']} {prev['status']} before it: `mlnb run --resume {prev['run_id']}` continues that one")
             if prev is None: raise NotFound("no failed or interrupted run to resume; `mlnb status` lists the runs")
             if prev["status"] == "done": raise ConfigError(f"run {prev['run_id']} finished; nothing to resume (start a new run)")
             if prev["status"] == "running": raise ConfigError(f"run {prev['run_id']} is still running (process {prev.get('pid')}); wait for it, or stop it first")
@@ -1786,7 +1792,10 @@ def run_pipeline(cfg: Config,                       # the project's settings
     queued: list = []
     try:
         todo = [n for n in pipeline.names if n in run.selected or n in {a for s in run.selected for a in pipeline.ancestors(s)}]
-        run.on_event({"run_id": run.run_id, "status": "started", "stages": list(todo), "visible_notebooks": run.rec["visible_notebooks"]})
+        run.on_event({"run_id": run.run_id, "status": "started", "stages": list(todo), "visible_notebooks": run.rec["visible_notebooks"],
+                      **({"resumed": {"attempt": run.attempt, "kept": sorted(run.kept & set(todo)),
+                                      "was": (run.rec["attempts"][-2].get("status") if len(run.rec.get("attempts") or []) > 1 else None)}}
+                         if run.rec.get("resumed") else {})})
         while todo or running or queued:  # a stage queued behind a full pool (jobs) still runs
             progressed = False
             for n in list(todo):
@@ -1853,7 +1862,9 @@ def run_pipeline(cfg: Config,                       # the project's settings
                 elif s["status"] in ("done", "cached", "stale", "failed", "interrupted"):  # interrupted ones too; links a user deleted come back
                     s["visible_notebook"] = _show_notebook(cfg, run.dir, run.shown, n) or s.get("visible_notebook")
             sources = [n for n in pipeline.names if not pipeline.stages[n].upstream and n in digests]
-            run.rec.update(status=status, ended=time.time(), duration=time.time() - run.rec["started"],
+            now, tries = time.time(), run.rec.get("attempts") or [{"started": run.rec["started"]}]
+            worked = sum(max(0.0, (a.get("ended") or a["started"]) - a["started"]) for a in tries[:-1]) + now - tries[-1]["started"]
+            run.rec.update(status=status, ended=now, duration=worked,  # the attempts' time, not the pause between them
                            data_digest=hashlib.sha256("".join(digests[n] for n in sources).encode()).hexdigest() if sources else None)
             run.finish(status)
             run.save()

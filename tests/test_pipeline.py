@@ -148,8 +148,11 @@ def test_failing_stage_then_resume(chain):
     assert rec["status"] == "failed"
     # fix the notebook and resume the same run: a is reused, b and c run, the run folder is the same
     add_stage(chain, "b", "upstream = ['a']\nfactor = 2", "from mlnb import stage\nstage.save('doubled', {'x': stage.load('nums')['n'] * factor})")
-    resumed = run_json(chain, "run", "--resume")
+    said = run_mlnb(chain, "run", "--resume", "--json", check=0)
+    resumed = json.loads(said.stdout)
     assert resumed["run_id"] == rec["run_id"] and resumed["resumed"]
+    assert f"resuming run {rec['run_id']}, which failed (attempt 2): 1 stage it finished before (a) are kept" in said.stderr, said.stderr
+    assert 0 < resumed["duration"] < resumed["ended"] - resumed["started"], "the attempts' time, not the pause between them"
     assert statuses(resumed) == {"a": "done", "b": "done", "c": "done"}, "a ran in the first attempt and stays counted as ran"
     assert {n: s["in_attempt"] for n, s in resumed["stages"].items()} == {"a": 1, "b": 2, "c": 2}
     assert product(chain, resumed, "c", "out") == {"y": 7}
@@ -158,6 +161,16 @@ def test_failing_stage_then_resume(chain):
 def test_resume_without_failed_run_is_a_clear_error(chain):
     p = run_mlnb(chain, "run", "--resume", check=1)
     assert "no failed or interrupted run to resume" in p.stderr
+    # a failed run, then one that finished: --resume does not go back to the old failure, and says how to
+    add_stage(chain, "c", "upstream = ['b']", "raise ValueError('not yet')")
+    run_mlnb(chain, "run", check=1)
+    failed = run_json(chain, "status")["run"]
+    assert failed["status"] == "failed"
+    add_stage(chain, "c", "upstream = ['b']", "from mlnb import stage\nstage.save('out', {'y': stage.load('doubled')['x'] + 1})")
+    done = run_json(chain, "run")
+    p = run_mlnb(chain, "run", "--resume", check=1)
+    assert p.stderr.strip() == (f"mlnb: error: the newest run, {done['run_id']}, finished, so there is no last failed run to resume; run "
+                                f"{failed['run_id']} failed before it: `mlnb run --resume {failed['run_id']}` continues that one"), p.stderr
 
 
 @pytest.mark.slow
