@@ -359,7 +359,11 @@ def _write_artifacts(cfg, rec: dict, out: Path):
 def _stage_rows(rec):
     for n, s in rec["stages"].items():
         dur = f"{s['duration']:.2f}s" if s.get("duration") is not None else ""
-        yield f"  {n:<14} {s['status']:<12} {dur:>8}  {(s.get('key') or '')[:12]}"
+        yield f"  {n:<14} {_said(s['status']):<14} {dur:>8}  {(s.get('key') or '')[:12]}"
+
+def _said(status: str) -> str:
+    "A stage's status as `mlnb run` says it (`reused`); the record and --json keep its own word (`cached`)."
+    return {"cached": "reused", "stale": "reused (stale)"}.get(status, status)
 
 @main.command()
 @click.argument("run_id", required=False, metavar="[RUN]")
@@ -397,7 +401,7 @@ def show(ctx, run_id, as_json):
              f"  options  {json.dumps(rec['options'])}", f"  data     {rec.get('data_digest')}"]
     if rec.get("sweep"): lines.insert(1, f"  sweep    {_sweep_part(rec['sweep'])}")
     for n, s in rec["stages"].items():
-        lines.append(f"  {n}: {s['status']}" + (f"  ({s['duration']:.2f}s)" if s.get("duration") is not None else ""))
+        lines.append(f"  {n}: {_said(s['status'])}" + (f"  ({s['duration']:.2f}s)" if s.get("duration") is not None else ""))
         if s.get("key"): lines.append(f"      key       {s['key']}")
         if s.get("params"): lines.append(f"      params    {json.dumps(s['params'])}")
         for p, m in (s.get("products") or {}).items(): lines.append(f"      product   {p} ({m['kind']}, {m['sha256'][:12]})")

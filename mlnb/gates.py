@@ -269,7 +269,7 @@ def decide_promotion(cfg: Config, version: int, model, holdout, task: Task, repo
                       "gates": {g["gate"]: {"passed": g["passed"], "value": g["value"], "limit": g["limit"]} for g in gates},
                       "policy_refusals": decision["policy_refusals"]})  # the evidence first, then the move it allows
         if alias:
-            why = f"all {len(gates)} gates passed ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
+            why = (f"all {len(gates)} gates passed" if len(gates) != 1 else "its one gate passed") + f" ({policy} promotion)" + (f"; champion refused by policy: {'; '.join(decision['policy_refusals'])}" if decision["policy_refusals"] else "")
             decision["event"] = tracking.set_alias(cfg, alias, version, why, kind="promote" if alias == "champion" else "set")
     return decision
 

@@ -41,11 +41,16 @@ def _kind(dtype: str) -> str:
     if d.startswith(("str", "object", "category")): return "str"
     return "float"
 
+def _exact(x) -> str:
+    "A bound as short as it can be and still the bound: 23, 0.5, 88053.94 (not 88053.9, which a value just over it would read as)."
+    s = f"{x:g}"
+    return s if float(s) == float(x) else repr(float(x))
+
 def _accepted(spec: dict) -> str:
     if "allowed" in spec: return "one of " + ", ".join(map(str, spec["allowed"]))
     kind = _kind(spec["dtype"])
     if kind in ("bool", "str"): return {"bool": "true or false", "str": "a string"}[kind]
-    rng = [f"at least {spec['ge']:g}" if "ge" in spec else "", f"at most {spec['le']:g}" if "le" in spec else ""]
+    rng = [f"at least {_exact(spec['ge'])}" if "ge" in spec else "", f"at most {_exact(spec['le'])}" if "le" in spec else ""]
     return ("an integer" if kind == "int" else "a number") + (" " + " and ".join(r for r in rng if r) if any(rng) else "")
 
 def _cut(text: str, limit: int = QUOTE_CHARS) -> str:
@@ -615,6 +620,11 @@ def docs_page(title: str) -> str:
 # %% ../nbs/09_serving.ipynb #0012
 SETTINGS_FILE = "serving.json"
 
+def _task_shown(settings: dict) -> dict:
+    "The task as `/metadata` shows it: the features the model takes (not an empty declaration), and a binary task's threshold only for one."
+    t = {**settings["task"], "features": list(settings["fields"])}
+    return t if t.get("kind") == "binary" else {k: v for k, v in t.items() if k not in ("positive_label", "threshold")}
+
 _OVERRIDES = {  # settings an `MLNB_*` variable may override when serving: (type, lowest, highest)
     "tracking_uri": (str, None, None), "prediction_log": (str, None, None), "canary_share": (float, 0, 1),
     "reload_interval": (float, 0, 86400), "max_batch": (int, 1, 1_000_000), "max_request_bytes": (int, 1024, 2**31)}
@@ -896,7 +906,7 @@ def create_app(settings: dict, model=None, version: int | None = None,
                 "switches": models.switches, "batching": {"batches": batcher.batches, "rows": batcher.rows}, "fields": settings["fields"],
                 "limits": {"max_batch": max_batch, "max_request_bytes": limit},
                 "features": {k: feats.get(k) for k in ("views", "digest", "entity_keys", "request_fields", "unknown_entity")} if feats else None,
-                "task": settings["task"], "example": example, "docs": "/", "model_card": "/card" if card.exists() else None,
+                "task": _task_shown(settings), "example": example, "docs": "/", "model_card": "/card" if card.exists() else None,
                 "lineage": "every response carries x-request-id (the server's id) and x-model-version; `mlnb lineage REQUEST_ID` (or VERSION) "
                            "follows them to the pipeline run, its executed notebooks, the data digest and the git commit"}
 

@@ -12,7 +12,7 @@ def test_status_show_inspect(chain):
     assert [r["run_id"] for r in st["runs"]] == [second["run_id"], first["run_id"]]
     assert st["runs"][0]["ran"] == 2 and st["runs"][0]["reused"] == 1
     text = run_mlnb(chain, "status", check=0).stdout
-    assert second["run_id"] in text and "cached" in text and "done" in text
+    assert second["run_id"] in text and "  a              reused" in text and "done" in text  # as `mlnb run` says it
 
     shown = run_json(chain, "show", first["run_id"])
     assert shown["stages"]["a"]["metrics"] == {"n": 3.0}

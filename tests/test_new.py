@@ -123,7 +123,8 @@ def test_new_project_end_to_end(installed, tmp_path, task, param):
         import time
         deadline = time.time() + 30
         while time.time() < deadline and served.client.get("/metadata").json()["version"] != 2: time.sleep(0.5)
-        assert served.client.get("/metadata").json()["task"]["kind"] == task
+        shown = served.client.get("/metadata").json()["task"]
+        assert shown["kind"] == task and shown["features"] == feats and ("threshold" in shown) == (task == "binary"), shown
         sim = mlnb(installed, d, "simulate", "--url", served.url, "--rows", "300", "--drift", "1.0", "--labels", str(tmp_path / "labels.jsonl")).stderr
         answered = int(sim.split("): ")[1].split(" answered")[0])
         assert answered == 300, sim  # shifted, but inside the contract
