@@ -205,7 +205,7 @@ def check_gate_settings(cfg: Config, task: Task | None = None) -> dict:
     for m, (key, limit) in named.items():
         lo, hi = _scale(m)
         if not lo <= limit <= hi:
-            hint = f" (did you mean {limit / 100:g}?)" if hi == 1 and 1 < limit <= 100 else ""
+            hint = f" (did you mean {limit / 100:g}?)" if hi == 1 and 10 <= limit <= 100 else ""  # a percentage; 1.5 is no clear one
             raise ConfigError(f"{key} = {limit:g} is outside the scale of {m}, {lo:g} to {hi:g}{hint}; a gate there always passes or never does")
     if limits["fairness"] and not task.sensitive:
         raise ConfigError(f"fairness gates ({', '.join('gate_max_' + k for k in limits['fairness'])}) need the sensitive attribute: "
