@@ -329,6 +329,9 @@ def _model_fate(rec: dict) -> str | None:
     line = f"model v{d['version']}: " + {"promoted": "champion", "challenger": "challenger", "blocked": "blocked by its gates"}.get(d["action"], d["action"])
     if d.get("policy_refusals"): line += " (champion refused by policy: " + "; ".join(d["policy_refusals"]) + ")"
     if (_product(rec, "model_version") or {}).get("reused"): line += "; the same model as an earlier run registered, so no new version"
+    worse = next((g for g in d.get("gates") or [] if g.get("gate") == "no_regression" and g.get("passed") and (g.get("value") or 0) < 0), None)
+    if worse and d["action"] == "promoted":  # allowed by gate_max_regression, but a person would want to know
+        line += f"\nnote: v{d['version']} scores below the champion it replaced (v{worse.get('against')}), within the allowed regression: {worse['reason']}"
     ev = d.get("event") or {}
     if d["action"] == "promoted" and ev.get("from") is not None and ev.get("to") is not None and ev["to"] < ev["from"]:
         line += (f"\nwarning: the champion moved back from v{ev['from']} to the older v{ev['to']} (this run made v{ev['to']}'s model "
