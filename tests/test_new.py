@@ -138,12 +138,13 @@ def test_new_project_end_to_end(installed, tmp_path, task, param):
         assert res["report"]["dataset_drift"] and res["report"]["model_version"] == 2
         perf = res["report"]["performance"]
         assert perf["metric"] == primary and perf["rows"] == answered and primary in perf and "reference" in perf
-        # traffic as a newcomer sends it (no --rows): each row of the holdout once, and the check judges it (no drift in it)
-        sim = mlnb(installed, d, "simulate", "--url", served.url).stderr
-        assert f"sent {holdout} requests" in sim and f"{holdout} answered" in sim and "each is sent about" not in sim, sim
-        time.sleep(1.5)
-        calm = json.loads(mlnb(installed, d, "monitor", "--window", str(holdout), "--json", check=0).stdout)["report"]
-        assert calm["rows_current"] == holdout and not calm["dataset_drift"], calm
+        if task == "multiclass":  # the example whose holdout (45 rows) is under the default drift_min_rows (100)
+            # traffic as a newcomer sends it (no --rows): each row of the holdout once, and the check judges it (no drift in it)
+            sim = mlnb(installed, d, "simulate", "--url", served.url).stderr
+            assert f"sent {holdout} requests" in sim and f"{holdout} answered" in sim and "each is sent about" not in sim, sim
+            time.sleep(1.5)
+            calm = json.loads(mlnb(installed, d, "monitor", "--window", str(holdout), "--json", check=0).stdout)["report"]
+            assert calm["rows_current"] == holdout < 100 and not calm["dataset_drift"], calm
     finally:
         served.stop()
     # the card shows the task's metrics (and its group metrics); lineage and the audit log hold together

@@ -41,7 +41,7 @@ def test_a_second_checkout_reuses_the_products_in_the_store(chain, tmp_path_fact
     assert json.loads((Path(rec["stages"]["c"]["entry"]) / "out.json").read_text()) == {"y": 7}
     assert Path(rec["stages"]["c"]["entry"]).is_relative_to(second / ".mlnb" / "cache"), "a checked copy, where `mlnb show` reads"
     shown = run_mlnb(second, "show", rec["run_id"], check=0).stdout
-    assert "c: cached" in shown and "out (json" in shown
+    assert "c: reused" in shown and "out (json" in shown
     assert (second / rec["stages"]["c"]["visible_notebook"]).is_file(), "the executed notebook opens, as after a local run"
 
     plain = checkout(chain, tmp_path_factory.mktemp("no-store"))  # the cache keys do not depend on the store
