@@ -355,6 +355,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.pipeline._kernel_folder': ('pipeline.html#_kernel_folder', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._kernel_said': ('pipeline.html#_kernel_said', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._kill_kernel': ('pipeline.html#_kill_kernel', 'mlnb/pipeline.py'),
+                               'mlnb.pipeline._last_failed': ('pipeline.html#_last_failed', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._launch_argv': ('pipeline.html#_launch_argv', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._leading_imports': ('pipeline.html#_leading_imports', 'mlnb/pipeline.py'),
                                'mlnb.pipeline._link_or_copy': ('pipeline.html#_link_or_copy', 'mlnb/pipeline.py'),

@@ -1328,6 +1328,14 @@ def _read_record(p: Path) -> dict:
             if s["status"] in ("running", "queued"): s["status"] = "interrupted"
     return rec
 
+def _last_failed(runs: list) -> tuple:
+    """`(run, finished)`: the newest failed or interrupted run of `runs` (newest first; a sweep's trials resume with their
+    sweep), and the newest finished run if it started after that one (then `--resume` has nothing to continue), else None."""
+    runs = [r for r in runs if not r.get("sweep")]
+    prev = next((r for r in runs if r["status"] in ("failed", "interrupted")), None)
+    done = next((r for r in runs if r["status"] == "done"), None)
+    return prev, done if prev is not None and done is not None and done["started"] > prev["started"] else None
+
 def list_runs(cfg: Config) -> list:
     "Records of all runs, newest first."
     out = []
@@ -1362,10 +1370,8 @@ class _Run:
         if opts.resume:
             if opts.resume != "latest": prev = load_run(cfg, opts.resume)
             else:
-                runs = [r for r in list_runs(cfg) if not r.get("sweep")]  # a sweep's trials resume with the sweep (`--sweep ... --resume`)
-                prev = next((r for r in runs if r["status"] in ("failed", "interrupted")), None)
-                done = next((r for r in runs if r["status"] == "done"), None)
-                if prev is not None and done is not None and done["started"] > prev["started"]:  # a later run finished: the failure is old news
+                prev, done = _last_failed(list_runs(cfg))
+                if done is not None:  # a later run finished: the failure is old news
                     raise ConfigError(f"the newest run, {done['run_id']}, finished, so there is no last failed run to resume; run "
                                       f"{prev['run_id']} {prev['status']} before it: `mlnb run --resume {prev['run_id']}` continues that one")
             if prev is None: raise NotFound("no failed or interrupted run to resume; `mlnb status` lists the runs")
@@ -1546,10 +1552,10 @@ def gc_cache(cfg: Config,            # the project
                                "run gc after it ends")
     why: dict = {}  # run id -> why its entries stay
     for r in runs[:keep_runs]: why.setdefault(r["run_id"], f"one of the newest {keep_runs} runs" if keep_runs > 1 else "the newest run")
-    for r in runs:
-        if r.get("status") == "running": why.setdefault(r["run_id"], "a run still running on another machine")
-    resumable = next((r for r in runs if r.get("status") in ("failed", "interrupted")), None)
-    if resumable: why.setdefault(resumable["run_id"], "the run `mlnb run --resume` continues")
+    for r in runs:  # (one of this machine whose process is gone was interrupted)
+        if r.get("status") == "running" and r.get("host") != here: why.setdefault(r["run_id"], "a run still running on another machine")
+    resumable, after = _last_failed(runs)
+    if resumable and not after: why.setdefault(resumable["run_id"], "the run `mlnb run --resume` continues")
     for r in runs:
         if r.get("tracking") not in (None, "synced", "off"): why.setdefault(r["run_id"], "a run not yet synced to MLflow")
     made = {}  # run id -> (model, version) it registered
