@@ -250,7 +250,8 @@ def render_html(report: dict, reference, current, categorical: list) -> str:
                f"({report['drift_share']:.0%}, threshold {report['settings']['drift_share']:.0%})",
                f"reference {report['rows_reference']:,} rows, current {report['rows_current']:,} rows"]
     if report.get("model"): summary.insert(0, f"model {e(str(report['model']))} version {report.get('model_version')}")
-    if pred: summary.append(f"prediction drift: {'yes' if pred['drifted'] else 'no'} ({pred['test']} {pred['statistic']:.4g})")
+    if pred: summary.append(f"prediction drift: {'yes' if pred['drifted'] else 'no'} ({pred['test']}"
+                            + ("" if pred["statistic"] is None else f" {pred['statistic']:.4g}") + ")")
     if perf: summary.append("performance: " + e(performance_text(perf)))
     plots = "".join(f"<figure>{_plot(reference[c['column']], current[c['column']], c['column'] + (' (drift)' if c['drifted'] else ''), c['kind'] == 'categorical')}</figure>"
                     for c in report["columns"])
@@ -450,8 +451,9 @@ def check_champion(cfg: Config,             # the project
     out = Path(out) if out else cfg.state / "monitor" / time.strftime("%Y%m%d-%H%M%S")
     paths = write_report(rep, reference, current, categorical, out)
     metrics = {"drift_share": rep["drift_share"], "drifted_columns": len(rep["drifted_columns"]), "dataset_drift": float(rep["dataset_drift"]),
-               "prediction_drift": float(pred_drift), **{f"drift.{c['column']}": c["statistic"] for c in rep["columns"]},
-               **{f"psi.{c['column']}": c["psi"] for c in rep["columns"]}}
+               "prediction_drift": float(pred_drift), **{f"drift.{c['column']}": c["statistic"] for c in rep["columns"] if c["statistic"] is not None},
+               **{f"psi.{c['column']}": c["psi"] for c in rep["columns"] if c["psi"] is not None},
+               **{f"missing.{c['column']}": c["missing_share"]["current"] for c in rep["columns"] if any(c["missing_share"].values())}}
     live = {k: v for k, v in perf.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics.update({f"live_{k}": v for k, v in live.items()})
     run_id = tracking.log_monitoring(cfg, version, metrics, [paths["html"], paths["json"]])
