@@ -643,6 +643,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mlnb.sweep.trials': ('sweep.html#trials', 'mlnb/sweep.py'),
                             'mlnb.sweep.trials_table': ('sweep.html#trials_table', 'mlnb/sweep.py')},
             'mlnb.tasks': { 'mlnb.tasks.Task': ('tasks.html#task', 'mlnb/tasks.py'),
+                            'mlnb.tasks.Task.absent': ('tasks.html#task.absent', 'mlnb/tasks.py'),
                             'mlnb.tasks.Task.feature_columns': ('tasks.html#task.feature_columns', 'mlnb/tasks.py'),
                             'mlnb.tasks.Task.from_dict': ('tasks.html#task.from_dict', 'mlnb/tasks.py'),
                             'mlnb.tasks.Task.higher_is_better': ('tasks.html#task.higher_is_better', 'mlnb/tasks.py'),

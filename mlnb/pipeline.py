@@ -1589,7 +1589,8 @@ def gc_cache(cfg: Config,            # the project
                 if rid in why: kept.append({**item, "why": "set aside as refused by a run that is kept"})
                 else: removed.append({**item, "kind": "refused"})
                 continue
-            if e.resolve() in keep: kept.append({**item, "why": keep[e.resolve()]})
+            why_kept = keep.get(e.resolve())
+            if why_kept: kept.append({**item, "why": why_kept})
             else: removed.append({**item, "kind": "entry"})
     if not dry_run:
         for it in removed:

@@ -62,8 +62,7 @@ def validate(df, problems: list | tuple = (), contract=None):
     "Check `df` against the project's contract (and the stage's own `problems`); returns the report or raises `ValidationError`."
     from mlnb.contracts import load_contract, check_frame, describe_violations
     cfg, t = project(), task()
-    declared = {"target": (t.target,), "features": t.features, "sensitive": t.sensitive}  # id_columns may be absent: they are left out anyway
-    absent = [f"{k} = {', '.join(c for c in cols if c not in df.columns)}" for k, cols in declared.items() if any(c not in df.columns for c in cols)]
+    absent = t.absent(df)
     if absent:  # a typo in settings.ini: said here, before split and train run on it
         raise ValidationError(f"settings.ini names column(s) the data does not have: {'; '.join(absent)}; its columns: {', '.join(map(str, df.columns))}")
     schema = contract if contract is not None else load_contract(contract_path(cfg))

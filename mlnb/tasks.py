@@ -64,6 +64,12 @@ class Task:
             return list(self.features)
         return [c for c in df.columns if c != self.target and c not in self.id_columns]
 
+    def absent(self, df) -> list:
+        "The settings that name columns `df` lacks, each as `key = a, b` (target, features, sensitive; id_columns may be absent: they are left out anyway)."
+        named = {"target": (self.target,), "features": self.features, "sensitive": self.sensitive}
+        lacking = {k: [c for c in cols if c not in df.columns] for k, cols in named.items()}
+        return [f"{k} = {', '.join(cols)}" for k, cols in lacking.items() if cols]
+
     def split(self, df) -> tuple:
         "`(X, y)`: the features and the target of a table."
         if self.target not in df.columns:
